@@ -1,0 +1,193 @@
+"""A bounded, durable, on-disk FIFO of outgoing MQTT messages.
+
+Layout of the spool directory:
+  messages.log  one line per message: `<crc32 hex> <json>` (seq, topic, qos, retain, payload)
+  acks.log      one seq per line: delivered (PUBACK seen) or dropped (spool was full)
+Both files are append-only and fsynced on every write, so a crash or power cut loses at most a
+torn last line, which the CRC detects and the loader drops. A message is pending until its seq is
+in acks.log. When enough acked lines pile up, messages.log is rewritten (temp file, fsync, rename)
+with the pending messages only and acks.log is truncated; a crash in between leaves stale seqs in
+acks.log, which refer to nothing and are harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("edge_agent.spool")
+
+MESSAGES = "messages.log"
+ACKS = "acks.log"
+COMPACT_AFTER = 256  # acked lines before messages.log is rewritten
+
+
+@dataclass(frozen=True)
+class SpoolRecord:
+    seq: int
+    topic: str
+    payload: str
+    qos: int
+    retain: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.topic) + len(self.payload.encode()) + 32
+
+
+class Spool:
+    def __init__(self, directory: Path, max_messages: int, max_bytes: int):
+        self.dir = Path(directory)
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dropped = 0  # messages discarded because the spool was full (since start)
+        self.recovered_torn = 0  # torn or corrupt lines skipped at load
+        self._pending: OrderedDict[int, SpoolRecord] = OrderedDict()
+        self._bytes = 0
+        self._acked_lines = 0
+        self._next_seq = 1
+        self._load()
+        self._messages = open(self.dir / MESSAGES, "a", encoding="utf-8")  # noqa: SIM115 - held open
+        self._acks = open(self.dir / ACKS, "a", encoding="utf-8")  # noqa: SIM115 - held open
+
+    # --- public ------------------------------------------------------------------------------------
+
+    def append(self, topic: str, payload: str, qos: int, retain: bool = False) -> SpoolRecord:
+        record = SpoolRecord(self._next_seq, topic, payload, qos, retain)
+        self._next_seq += 1
+        body = json.dumps({"seq": record.seq, "topic": topic, "qos": qos, "retain": retain,
+                           "payload": payload}, separators=(",", ":"))
+        self._write(self._messages, f"{zlib.crc32(body.encode()):08x} {body}\n")
+        self._pending[record.seq] = record
+        self._bytes += record.size
+        self._enforce_bounds()
+        return record
+
+    def ack(self, seq: int) -> None:
+        """The broker has the message (PUBACK for QoS 1, written to the socket for QoS 0)."""
+        record = self._pending.pop(seq, None)
+        if record is None:
+            return
+        self._bytes -= record.size
+        self._write(self._acks, f"{seq}\n")
+        self._acked_lines += 1
+        if self._acked_lines >= COMPACT_AFTER:
+            self._compact()
+
+    def pending(self) -> list[SpoolRecord]:
+        return list(self._pending.values())
+
+    def get(self, seq: int) -> SpoolRecord | None:
+        return self._pending.get(seq)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        for handle in (self._messages, self._acks):
+            if not handle.closed:
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _write(handle: object, line: str) -> None:
+        handle.write(line)  # type: ignore[attr-defined]
+        handle.flush()  # type: ignore[attr-defined]
+        os.fsync(handle.fileno())  # type: ignore[attr-defined]
+
+    def _enforce_bounds(self) -> None:
+        while len(self._pending) > 1 and (len(self._pending) > self.max_messages or self._bytes > self.max_bytes):
+            seq, oldest = next(iter(self._pending.items()))
+            self.ack(seq)
+            self.dropped += 1
+            log.warning("event=spool_full action=dropped_oldest seq=%d topic=%s dropped_total=%d "
+                        "max_messages=%d max_bytes=%d", seq, oldest.topic, self.dropped,
+                        self.max_messages, self.max_bytes)
+
+    def _load(self) -> None:
+        acked: set[int] = set()
+        acks_path = self.dir / ACKS
+        if acks_path.exists():
+            for line in acks_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.strip().isdigit():
+                    acked.add(int(line))
+            self._acked_lines = len(acked)
+        path = self.dir / MESSAGES
+        if not path.exists():
+            return
+        good_bytes = 0
+        with open(path, "rb") as handle:
+            for raw in handle:
+                record = self._parse(raw)
+                if record is None:
+                    self.recovered_torn += 1
+                    break  # everything after a torn line is suspect: it was the tail being written
+                good_bytes += len(raw)
+                self._next_seq = max(self._next_seq, record.seq + 1)
+                if record.seq not in acked:
+                    self._pending[record.seq] = record
+                    self._bytes += record.size
+        if self.recovered_torn:
+            log.warning("event=spool_torn_tail path=%s kept_bytes=%d", path, good_bytes)
+            with open(path, "r+b") as handle:
+                handle.truncate(good_bytes)
+                os.fsync(handle.fileno())
+        if acked:
+            self._next_seq = max(self._next_seq, max(acked) + 1)
+        if self._pending:
+            log.info("event=spool_loaded pending=%d bytes=%d", len(self._pending), self._bytes)
+
+    @staticmethod
+    def _parse(raw: bytes) -> SpoolRecord | None:
+        if not raw.endswith(b"\n"):
+            return None
+        try:
+            crc, body = raw[:-1].split(b" ", 1)
+            if int(crc, 16) != zlib.crc32(body):
+                return None
+            data = json.loads(body)
+            return SpoolRecord(int(data["seq"]), str(data["topic"]), str(data["payload"]), int(data["qos"]),
+                               bool(data["retain"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _compact(self) -> None:
+        tmp = self.dir / (MESSAGES + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for r in self._pending.values():
+                body = json.dumps({"seq": r.seq, "topic": r.topic, "qos": r.qos, "retain": r.retain,
+                                   "payload": r.payload}, separators=(",", ":"))
+                handle.write(f"{zlib.crc32(body.encode()):08x} {body}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._messages.close()
+        os.replace(tmp, self.dir / MESSAGES)
+        self._fsync_dir()
+        self._messages = open(self.dir / MESSAGES, "a", encoding="utf-8")  # noqa: SIM115
+        self._acks.close()
+        # Seqs only need to be unique among lines that can meet: after this truncation no stale ack
+        # remains, and before it (a crash right here) the loader starts above every seq it sees.
+        self._acks = open(self.dir / ACKS, "w", encoding="utf-8")  # noqa: SIM115
+        self._acks.flush()
+        os.fsync(self._acks.fileno())
+        self._acked_lines = 0
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
