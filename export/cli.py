@@ -1,0 +1,97 @@
+"""edge-export: write DIR/NAME.onnx for an encoder, verified against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_agent.errors import EdgeAsdError
+from export.base import CheckpointError
+from export.checkpoints import WEIGHTS_DIR_ENV
+from export.onnx_export import QUANTIZE_MODES, ExportError, ExportResult, export_model
+from export.pooling import POOLINGS
+from export.registry import families
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-export",
+        description="Export a pretrained audio encoder (front-end included) to ONNX with edge-asd metadata.",
+    )
+    parser.add_argument("name", metavar="NAME", help=f"encoder: {', '.join(sorted(families()))}")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, help="official checkpoint file")
+    source.add_argument(
+        "--random-init", action="store_true", help="random weights in the official layout (tests, demos)"
+    )
+    parser.add_argument(
+        "--weights-dir", type=Path, help=f"where to look for official files (default: ${WEIGHTS_DIR_ENV})"
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/NAME.onnx")
+    parser.add_argument("--layers", help="comma-separated outputs, e.g. layer_8,layer_12,embedding")
+    parser.add_argument("--pooling", choices=POOLINGS, default="time-mean")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="fp16 weights, fp32 input/outputs")
+    precision.add_argument("--quantize", choices=QUANTIZE_MODES, help="dynamic weight quantization")
+    parser.add_argument("--seed", type=int, default=0, help="random-init seed and verification audio seed")
+    parser.add_argument("--no-verify", action="store_true", help="skip the ONNX-vs-PyTorch check")
+    parser.add_argument("--no-download", action="store_true", help="never download official weights")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else None
+    try:
+        result = export_model(
+            args.name,
+            args.out,
+            checkpoint=args.checkpoint,
+            random_init=args.random_init,
+            layers=layers,
+            pooling=args.pooling,
+            fp16=args.fp16,
+            quantize=args.quantize,
+            seed=args.seed,
+            verify=not args.no_verify,
+            weights_dir=args.weights_dir,
+            allow_download=not args.no_download,
+        )
+    except (CheckpointError, ExportError, EdgeAsdError, ValueError) as exc:
+        print(f"edge-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # unknown encoder name
+        print(f"edge-export: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    return 0
+
+
+def describe(result: ExportResult) -> str:
+    info = result.info
+    lines = [
+        f"wrote {result.path} ({info.family} {info.variant}, {result.precision}, {info.pooling} pooling)",
+        f"input: waveform [batch, {info.window_samples}] at {info.sample_rate} Hz",
+        "outputs: " + ", ".join(f"{name} [{dim}]" for name, dim in zip(info.layers, info.dims, strict=True)),
+        f"default layers: {', '.join(info.default_layers)}",
+        f"checkpoint sha256: {info.checkpoint_sha256}",
+    ]
+    if result.max_rel_error is None:
+        lines.append("verification: skipped")
+    else:
+        lines.append(f"verification: max relative error ONNX vs PyTorch {result.max_rel_error:.2e}")
+    if result.precision_rel_error is not None:
+        lines.append(f"{result.precision} vs fp32 ONNX: max relative error {result.precision_rel_error:.2e}")
+    if result.ms_per_window is not None and result.fp32_ms_per_window is not None:
+        lines.append(
+            f"CPU latency per window (batch 1): {result.precision} {result.ms_per_window:.1f} ms, "
+            f"fp32 {result.fp32_ms_per_window:.1f} ms"
+        )
+    lines.append(f"seconds: {result.seconds:.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
