@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,10 +277,14 @@ class MemoryBank:
         ONNX file's hash, refused if the bank records a different one.
         """
         path = Path(directory)
+        bank: MemoryBank | None = None
         for attempt in range(_LOAD_ATTEMPTS):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except FileNotFoundError:
+                if attempt + 1 < _LOAD_ATTEMPTS and _swap_in_progress(path):
+                    time.sleep(0.05)
+                    continue
                 raise BankError(f"{path}: no memory bank there (directory missing)") from None
             except NotADirectoryError:
                 raise BankError(f"{path}: not a directory") from None
@@ -294,6 +300,7 @@ class MemoryBank:
                 raise
             finally:
                 os.close(fd)
+        assert bank is not None
         if expect is not None:
             expect.require_compatible(bank.info, f"memory bank {path}")
             for layer in bank.layers:
@@ -419,6 +426,11 @@ def _replaced(path: Path, fd: int) -> bool:
         return True
     then = os.fstat(fd)
     return (now.st_ino, now.st_dev) != (then.st_ino, then.st_dev)
+
+
+def _swap_in_progress(path: Path) -> bool:
+    """A save without atomic exchange has moved the old bank aside and not yet renamed the new one in."""
+    return any(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
 
 
 def _content_hash(files: dict[str, bytes]) -> str:

@@ -35,7 +35,7 @@ _BLOCK_ELEMENTS = 4_000_000
 class HnswParams:
     m: int = 16
     ef_construction: int = 200
-    ef_search: int = 128
+    ef_search: int = 256
     seed: int = 0
     # One build thread keeps the graph (and so the results) reproducible run to run.
     build_threads: int = 1
@@ -103,6 +103,10 @@ def _normalize_exclude(exclude: np.ndarray | None, batch: int) -> np.ndarray | N
     return ex
 
 
+def _excluded_per_row(ex: np.ndarray | None) -> int:
+    return 0 if ex is None or ex.size == 0 else int((ex >= 0).sum(axis=1).max())
+
+
 class KnnIndex:
     """Common interface. Build with `build_index`; query with `query`."""
 
@@ -128,11 +132,11 @@ class KnnIndex:
         """Nearest refs of each row of x: (distances [B, k'] float64, indices [B, k'] int64), sorted.
 
         exclude: per query, ref indices that must not be returned ([B] or [B, E]; -1 = no-op pad).
-        k' = min(k, size - E) where E is the number of excluded columns (see module doc).
+        k' = min(k, size - E), E = the largest number of excluded refs of any row (see module doc).
         """
         xq = _as_matrix(x, self.dim, "query")
         ex = _normalize_exclude(exclude, xq.shape[0])
-        n_ex = 0 if ex is None else ex.shape[1]
+        n_ex = _excluded_per_row(ex)
         k_eff = max(0, min(int(k), self.size - n_ex))
         if xq.shape[0] == 0 or k_eff == 0:
             return np.zeros((xq.shape[0], k_eff)), np.zeros((xq.shape[0], k_eff), dtype=np.int64)
@@ -187,8 +191,7 @@ class HnswIndex(KnnIndex):
         self.graph = graph
 
     def _query(self, x: np.ndarray, k: int, ex: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        n_ex = 0 if ex is None else ex.shape[1]
-        want = min(self.size, k + n_ex)
+        want = min(self.size, k + _excluded_per_row(ex))
         self.graph.set_ef(max(self.params.ef_search, want))
         try:
             labels, _ = self.graph.knn_query(x, k=want)

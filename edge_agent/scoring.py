@@ -41,7 +41,7 @@ class ScoringConfig:
     exact_below: int = DEFAULT_EXACT_BELOW  # banks with fewer refs use exact search
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 256
     hnsw_seed: int = 0
     sigma_fallback: str = "pooled"  # zscore-domain: sigma when the target bank is too small
     sigma_min_target: int = 4  # zscore-domain: fewer target refs than this use the fallback sigma
