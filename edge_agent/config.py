@@ -48,11 +48,11 @@ class HysteresisConfig:
 @dataclass(frozen=True)
 class EnrollConfig:
     windows: int = field(default=10, metadata=_limits(lo=1, hi=10000))  # default N for the `enroll` command
-    memmixup: bool = False
-    memmixup_lambda: float = field(default=0.9, metadata=_limits(lo=0.0, hi=1.0))
-    memmixup_k: int = field(default=1, metadata=_limits(lo=1, hi=1000))
-    # threshold percentile after enroll
-    percentile: float = field(default=95.0, metadata=_limits(lo=0.0, hi=100.0, lo_open=True))
+    memmixup: bool = False  # augment the new target bank with MemMixup
+    memmixup_lambda: float = field(default=0.9, metadata=_limits(lo=0.0, hi=1.0, lo_open=True))
+    memmixup_k: int = field(default=5, metadata=_limits(lo=1, hi=1000))
+    threshold_method: Literal["gamma", "percentile"] = "gamma"  # recalibration after enroll
+    threshold_quantile: float = field(default=0.99, metadata=_limits(lo=0.0, hi=0.99999, lo_open=True))
 
 
 @dataclass(frozen=True)

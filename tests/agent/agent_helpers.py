@@ -1,0 +1,183 @@
+"""Helpers for the agent tests: a tiny power-feature ONNX encoder, banks, audio, a real mosquitto."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import paho.mqtt.client as paho
+from onnx import TensorProto, helper
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.bank import MemoryBank
+from edge_agent.calibration import calibrate
+from edge_agent.encoder import Encoder
+from edge_agent.model_info import ModelInfo
+from edge_agent.scoring import Scorer, ScoringConfig
+from edge_agent.wavio import write_wav
+
+RATE = 8000  # the toy encoder's rate; its window is one second
+WINDOW = RATE
+REPO = Path(__file__).resolve().parents[2]
+
+
+def power_model_info() -> ModelInfo:
+    return ModelInfo(family="toy", variant="power16", sample_rate=RATE, window_samples=WINDOW,
+                     layers=("layer_1", "layer_2"), dims=(16, 16), default_layers=("layer_1",),
+                     checkpoint_sha256="cd" * 32, exporter_version="agent-test")
+
+
+def write_power_model(path: Path) -> Path:
+    """waveform [B, 8000] -> layer_1: sqrt of the mean power per position of 16-sample frames, layer_2: peak."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, WINDOW // 16, 16])
+    nodes = [
+        helper.make_node("Reshape", ["waveform", "shape"], ["frames"]),
+        helper.make_node("Mul", ["frames", "frames"], ["power"]),
+        helper.make_node("ReduceMean", ["power"], ["mean_power"], axes=[1], keepdims=0),
+        helper.make_node("Sqrt", ["mean_power"], ["layer_1"]),
+        helper.make_node("ReduceMax", ["power"], ["layer_2"], axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "power16",
+        [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, ["batch", WINDOW])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 16]) for n in ("layer_1", "layer_2")],
+        initializer=[shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    helper.set_model_props(model, power_model_info().to_metadata())
+    onnx.save(model, path)
+    return path
+
+
+def noise(seconds: float, amplitude: float, seed: int, rate: int = RATE) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (amplitude * rng.standard_normal(int(seconds * rate))).astype(np.float32)
+
+
+def build_bank(model: Path, bank_dir: Path, source_windows: int = 24, amplitude: float = 0.05,
+               target: np.ndarray | None = None, seed: int = 1) -> MemoryBank:
+    """A bank of `source_windows` one-second noise windows, calibrated (gamma, 0.99)."""
+    encoder = Encoder(model)
+    clips = noise(source_windows, amplitude, seed).reshape(source_windows, WINDOW)
+    emb = encoder.embed(clips)
+    embeddings: dict[str, dict[str, np.ndarray]] = {"source": emb}
+    if target is not None:
+        embeddings["target"] = encoder.embed(target.reshape(-1, WINDOW))
+    bank = MemoryBank(encoder.info, embeddings)
+    scorer = Scorer.fit(bank, ScoringConfig(normalizer="ld-domain"))
+    threshold = calibrate(scorer.loo_scores(), "gamma", 0.99)
+    scorer.save(bank_dir, threshold=threshold, model_sha256=encoder.model_sha256)
+    return MemoryBank.load(bank_dir, expect=encoder.info)
+
+
+def write_anomaly_wav(path: Path, seconds: int, anomaly: tuple[int, int], amplitude: float = 0.05,
+                      loud: float = 0.6, seed: int = 7) -> Path:
+    """Noise like the bank's, with a loud tone from anomaly[0] to anomaly[1] seconds."""
+    audio = noise(seconds, amplitude, seed)
+    a, b = anomaly[0] * RATE, anomaly[1] * RATE
+    t = np.arange(b - a) / RATE
+    audio[a:b] += (loud * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    write_wav(path, audio, RATE)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Mosquitto:
+    """A real broker on a loopback port; stop() and start() keep the port."""
+
+    def __init__(self, workdir: Path):
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.binary = binary
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class Watcher:
+    """A paho subscriber recording every message (topic, decoded payload, retain flag)."""
+
+    def __init__(self, port: int, topics: str = "#"):
+        self.messages: list[tuple[str, Any, bool]] = []
+        self._cond = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watcher-{time.monotonic_ns()}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe(topics, qos=1)
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect_async("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        text = msg.payload.decode()
+        try:
+            payload: Any = json.loads(text)
+        except ValueError:
+            payload = text
+        with self._cond:
+            self.messages.append((msg.topic, payload, bool(msg.retain)))
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[tuple[str, Any, bool]]], bool], timeout: float = 30.0,
+                 what: str = "") -> list[tuple[str, Any, bool]]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.messages):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}; got {self.messages[-20:]}")
+                self._cond.wait(left)
+            return list(self.messages)
+
+    def on(self, topic: str) -> list[Any]:
+        with self._cond:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def publish(self, topic: str, payload: str | bytes, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def agent_command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "edge_agent.daemon", "--config", str(config)]
+
+
+def start_agent(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the process
+    return subprocess.Popen(agent_command(config), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
