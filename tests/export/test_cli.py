@@ -1,0 +1,71 @@
+"""edge-export end to end: exit codes, printed summary, one line per error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.cli import main
+from export.onnx_export import read_model_info
+
+
+def test_cli_exports_random_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["mn04", "--random-init", "--out", str(tmp_path), "--layers", "layer_8,embedding", "--seed", "4"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'mn04.onnx'}" in printed
+    assert "layer_8 [256], embedding [384]" in printed
+    assert "verification: max relative error ONNX vs PyTorch" in printed
+    info = read_model_info(tmp_path / "mn04.onnx")
+    assert info.layers == ("layer_8", "embedding") and info.default_layers == ("layer_8",)
+
+
+def test_cli_with_weights_dir_quantized(
+    mn04_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = str(mn04_checkpoint.parents[1])
+    code = main(
+        ["mn04", "--weights-dir", weights, "--out", str(tmp_path), "--layers", "layer_12", "--quantize", "int8"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "int8 vs fp32 ONNX: max relative error" in printed and "CPU latency per window" in printed
+    assert read_model_info(tmp_path / "mn04.onnx").extra["precision"] == "int8"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["mn04", "--checkpoint", "{tmp}/missing.pt"], "missing.pt: checkpoint file not found"),
+        (["mn04", "--random-init", "--layers", "layer_0"], "no layer layer_0"),
+        (["nope", "--random-init"], "unknown encoder 'nope'"),
+        (["mn20"], "no pinned sha256"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(
+    args: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--out", str(tmp_path), "--no-download"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "mn04.onnx").exists()
+
+
+def test_cli_wrong_checkpoint_subprocess(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.pt"
+    bogus.write_text("hello")
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.cli", "mn04", "--checkpoint", str(bogus), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"edge-export: error: {bogus}: not a torch checkpoint (no complete zip archive: truncated or another format)"
+    ]

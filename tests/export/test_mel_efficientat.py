@@ -1,0 +1,123 @@
+"""The MN front-end against an independent float64 numpy implementation of the same formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from export import mel_efficientat as mel
+
+SR = 32000
+
+
+def reference_mel_banks(n_mels: int, n_fft: int, sr: int, fmin: float, fmax: float) -> np.ndarray:
+    """Kaldi get_mel_banks written filter by filter in Hz -> mel, float64, Nyquist column appended."""
+
+    def to_mel(hz: float) -> float:
+        return 1127.0 * math.log(1.0 + hz / 700.0)
+
+    lo, hi = to_mel(fmin), to_mel(fmax)
+    delta = (hi - lo) / (n_mels + 1)
+    banks = np.zeros((n_mels, n_fft // 2 + 1))
+    for m in range(n_mels):
+        left, centre, right = lo + m * delta, lo + (m + 1) * delta, lo + (m + 2) * delta
+        for k in range(n_fft // 2):
+            x = to_mel(k * sr / n_fft)
+            if left < x <= centre:
+                banks[m, k] = (x - left) / (centre - left)
+            elif centre < x < right:
+                banks[m, k] = (right - x) / (right - centre)
+    return banks
+
+
+def reference_log_mel(wave: np.ndarray) -> np.ndarray:
+    """pre-emphasis, centred reflect-padded STFT with a symmetric Hann(800) in a 1024 frame, power, mel, log."""
+    x = wave.astype(np.float64)
+    y = x[1:] - 0.97 * x[:-1]
+    padded = np.pad(y, 512, mode="reflect")
+    n = np.arange(800)
+    window = np.zeros(1024)
+    window[112:912] = 0.5 - 0.5 * np.cos(2 * np.pi * n / 799)
+    frames = 1 + (padded.size - 1024) // 320
+    starts = np.arange(frames) * 320
+    segments = padded[starts[:, None] + np.arange(1024)[None, :]] * window
+    power = np.abs(np.fft.rfft(segments, axis=1)) ** 2  # [T, 513]
+    banks = reference_mel_banks(128, 1024, SR, 0.0, 15000.0)
+    return (np.log(banks @ power.T + 1e-5) + 4.5) / 5.0
+
+
+def test_mel_banks_match_reference() -> None:
+    ours = mel.kaldi_mel_banks()
+    ref = reference_mel_banks(128, 1024, SR, 0.0, 15000.0)
+    assert ours.shape == (128, 513)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+    used = np.flatnonzero(ours.any(axis=0))
+    assert used[0] == 1  # 0 Hz sits on the first filter's left edge
+    assert used[-1] * SR / 1024 < 15000.0  # eval-mode fmax of EfficientAT: 16 kHz - 2 kHz / 2
+    assert ours.max() <= 1.0
+
+
+def test_fmax_zero_counts_from_nyquist() -> None:
+    np.testing.assert_allclose(mel.kaldi_mel_banks(fmax=0.0), mel.kaldi_mel_banks(fmax=16000.0))
+    with pytest.raises(ValueError, match="mel range"):
+        mel.kaldi_mel_banks(fmin=9000.0, fmax=8000.0)
+
+
+def _signals(samples: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    t = np.arange(samples) / SR
+    chirp = 0.3 * np.sin(2 * np.pi * (50 * t + 700 * t**2))
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    quiet = 1e-3 * rng.standard_normal(samples)
+    noise = 0.1 * rng.standard_normal(samples)
+    return np.stack([noise, tone, chirp, quiet]).astype(np.float32)
+
+
+def test_log_mel_matches_float64_reference() -> None:
+    waves = _signals(SR * 10)
+    with torch.no_grad():
+        ours = mel.MelEfficientAT()(torch.from_numpy(waves)).numpy()
+    assert ours.shape == (4, 128, 1000)
+    for i, wave in enumerate(waves):
+        ref = reference_log_mel(wave)
+        err = np.abs(ours[i] - ref).max()
+        assert err < 1e-4, f"signal {i}: max abs error {err:.3g} vs float64 reference"
+
+
+def test_odd_length_frame_count() -> None:
+    waves = _signals(12345)
+    with torch.no_grad():
+        ours = mel.MelEfficientAT()(torch.from_numpy(waves)).numpy()
+    assert ours.shape[-1] == mel.num_frames(12345) == reference_log_mel(waves[0]).shape[-1]
+    np.testing.assert_allclose(ours[2], reference_log_mel(waves[2]), atol=1e-4, rtol=0)
+
+
+def test_power_spectrum_equals_official_torch_stft_call() -> None:
+    """The conv DFT reproduces torch.stft(center=True, reflect, symmetric Hann 800 in n_fft 1024, hop 320)."""
+    front = mel.MelEfficientAT()
+    wave = torch.from_numpy(_signals(SR * 2)[0:1])
+    emphasized = wave[:, 1:] - 0.97 * wave[:, :-1]
+    window = torch.hann_window(800, periodic=False, dtype=torch.float64)
+    stft = torch.stft(
+        emphasized.double(),
+        1024,
+        hop_length=320,
+        win_length=800,
+        window=window,
+        center=True,
+        return_complex=True,
+    )
+    expected = (stft.abs() ** 2)[0]  # [513, T]
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(emphasized.unsqueeze(1), (512, 512), mode="reflect")
+        trimmed = padded[:, :, front.window_offset : padded.shape[-1] - front.window_offset]
+        spec = torch.nn.functional.conv1d(trimmed, front.dft_bases, stride=320)[0].double()
+    bins = front.num_bins
+    power = spec[:bins] ** 2 + spec[bins:] ** 2
+    first = int(np.flatnonzero(mel.kaldi_mel_banks().any(axis=0))[0])
+    reference = expected[first : first + bins]
+    assert power.shape == reference.shape
+    assert float((power - reference).abs().max() / reference.abs().max()) < 1e-5
