@@ -105,7 +105,9 @@ class Mosquitto:
         self.binary = binary
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        # Persistence keeps a durable subscriber's session (and its queued messages) across restarts.
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                             f"persistence_location {workdir}/\n")
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -131,10 +133,12 @@ class Mosquitto:
 class Watcher:
     """A paho subscriber recording every message (topic, decoded payload, retain flag)."""
 
-    def __init__(self, port: int, topics: str = "#"):
+    def __init__(self, port: int, topics: str = "#", durable: bool = False):
         self.messages: list[tuple[str, Any, bool]] = []
         self._cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watcher-{time.monotonic_ns()}")
+        # durable: a persistent session, so the broker queues what arrives while we reconnect
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watcher-{time.monotonic_ns()}",
+                                  clean_session=not durable)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(topics, qos=1)
         self.client.reconnect_delay_set(1, 1)

@@ -1,0 +1,160 @@
+"""End to end over a real mosquitto: alerts, schemas, broker outages, restarts, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .agent_helpers import Mosquitto, Watcher, start_agent, write_anomaly_wav
+
+NODE = "node-a"
+PREFIX = "edge-asd"
+BASE = f"{PREFIX}/{NODE}"
+
+
+def write_config(tmp: Path, model: Path, bank: Path, port: int, wav: Path, *, realtime: bool, loop: bool,
+                 speed: float = 1.0, extra_source: str = "", extra: str = "", mqtt_extra: str = "") -> Path:
+    path = tmp / "agent.yaml"
+    path.write_text(f"""
+node: {NODE}
+state_dir: {tmp / "state"}
+model:
+  path: {model}
+sources:
+  - name: fan
+    type: file
+    path: {wav}
+    realtime: {str(realtime).lower()}
+    speed: {speed}
+    loop: {str(loop).lower()}
+    bank: {bank}
+    window_seconds: 1
+    hop_seconds: 1
+    hysteresis: {{raise_after: 2, clear_after: 2, update_every: 2}}
+{extra_source}
+mqtt:
+  host: 127.0.0.1
+  port: {port}
+  reconnect_min_seconds: 1
+  reconnect_max_seconds: 1
+{mqtt_extra}
+metrics:
+  enabled: false
+{extra}
+""")
+    return path
+
+
+def alerts(watcher: Watcher) -> list[dict[str, Any]]:
+    return watcher.on(f"{BASE}/fan/alert")
+
+
+def stop_agent(proc: subprocess.Popen[bytes], log: Path) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"agent did not stop on SIGTERM; log:\n{log.read_text()}") from None
+
+
+def check_episodes_complete_and_ordered(events: list[dict[str, Any]]) -> list[str]:
+    """De-duplicated by (event_id, seq): every episode is new, update..., end with no seq gap, in order."""
+    seen: dict[tuple[str, int], dict[str, Any]] = {}
+    order: list[tuple[str, int]] = []
+    for e in events:
+        key = (e["event_id"], e["seq"])
+        if key not in seen:
+            seen[key] = e
+            order.append(key)
+    episodes: dict[str, list[dict[str, Any]]] = {}
+    for key in order:
+        episodes.setdefault(key[0], []).append(seen[key])
+    for event_id, evs in episodes.items():
+        seqs = [e["seq"] for e in evs]
+        assert seqs == list(range(len(evs))), f"episode {event_id}: seqs {seqs} out of order or with gaps"
+        assert evs[0]["type"] == "new" and evs[-1]["type"] == "end", f"episode {event_id} incomplete: {seqs}"
+        assert all(e["type"] == "update" for e in evs[1:-1])
+    starts = [episodes[eid][0]["start"] for eid in dict.fromkeys(k[0] for k in order)]
+    assert starts == sorted(starts), f"episodes delivered out of order: {starts}"
+    return list(episodes)
+
+
+def test_file_source_alert_episode_on_broker_matches_schemas(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                             broker: Mosquitto, watcher: Watcher,
+                                                             validators: dict) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 20, (8, 13))
+    cfg = write_config(tmp_path, toy_model, bank_dir, broker.port, wav, realtime=False, loop=False,
+                       extra_source="    publish_scores: true", mqtt_extra="  spool_scores: true")
+    log = tmp_path / "agent.log"
+    proc = start_agent(cfg, log)
+    assert proc.wait(60) == 0, log.read_text()
+    watcher.wait_for(lambda m: any(t == f"{BASE}/status" and p == "stopped" for t, p, _ in m), what="stopped")
+    events = alerts(watcher)
+    assert events[0]["type"] == "new" and events[-1]["type"] == "end"
+    assert {e["event_id"] for e in events} == {events[0]["event_id"]}
+    assert events[-1]["reason"] == "cleared"
+    for e in events:
+        validators["alert"].validate(e)
+    # the anomaly spans seconds 8-13 of the file: the episode starts at the window at 8 s
+    scores = watcher.on(f"{BASE}/fan/score")
+    assert len(scores) == 20
+    for s in scores:
+        validators["score"].validate(s)
+    assert scores[8]["window_start"] == events[0]["start"]
+    assert [s["over"] for s in scores] == [8 <= i < 13 for i in range(20)]
+    assert events[-1]["end"] == scores[13]["window_start"]
+    states = watcher.on(f"{BASE}/state")
+    assert states, "no retained state published"
+    for state in states:
+        validators["state"].validate(state)
+    assert states[-1]["status"] == "stopped"
+    assert states[0]["sources"][0]["bank"]["id"] == events[0]["bank"]
+    statuses = watcher.on(f"{BASE}/status")
+    assert statuses[0] == "online" and statuses[-1] == "stopped"
+
+
+def test_broker_outage_and_agent_restart_lose_no_alert(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                       broker: Mosquitto, validators: dict) -> None:
+    # 10 s of audio with an anomaly from 4 to 7 s, looped at 10x: one episode per second of wall time.
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (4, 7))
+    cfg = write_config(tmp_path, toy_model, bank_dir, broker.port, wav, realtime=True, loop=True, speed=10)
+    log = tmp_path / "agent.log"
+    watcher = Watcher(broker.port, f"{BASE}/#", durable=True)
+    proc = start_agent(cfg, log)
+    try:
+        watcher.wait_for(lambda m: any(p["type"] == "end" for p in alerts(watcher)), what="a first episode")
+        broker.stop()  # the agent keeps detecting while the broker is gone
+        time.sleep(3.0)
+        broker.start()
+        watcher.wait_for(lambda m: any(p["replayed"] for p in alerts(watcher)), what="replayed alerts")
+        # the agent is stopped and started again while the broker is down
+        broker.stop()
+        time.sleep(2.0)
+        assert stop_agent(proc, log) == 0, log.read_text()
+        spool = tmp_path / "state" / "spool" / "messages.log"
+        assert spool.exists() and spool.stat().st_size > 0, "nothing was spooled while the broker was down"
+        before_restart = len(alerts(watcher))
+        proc = start_agent(cfg, log)
+        time.sleep(2.0)
+        broker.start()
+        watcher.wait_for(lambda m: sum(1 for p in alerts(watcher)[before_restart:] if p["replayed"]) >= 3,
+                         what="alerts spooled across the agent restart")
+        assert stop_agent(proc, log) == 0, log.read_text()
+        watcher.wait_for(lambda m: m[-1][0] == f"{BASE}/status" and m[-1][1] == "stopped", what="stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        watcher.close()
+    events = alerts(watcher)
+    for e in events:
+        validators["alert"].validate(e)
+    episodes = check_episodes_complete_and_ordered(events)
+    text = log.read_text()
+    logged = [line.split("event_id=")[1].split()[0] for line in text.splitlines() if "event=alert" in line]
+    assert set(episodes) == set(logged), "an episode the agent logged never reached the broker"
+    assert len({(e["event_id"], e["seq"]) for e in events}) == len(logged)
+    assert "spool_full" not in text
