@@ -1,0 +1,144 @@
+"""Control over MQTT: config push (refused / applied / persisted), commands (enroll, status, reload), SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from edge_agent.bank import MemoryBank
+from edge_agent.wavio import write_wav
+
+from .agent_helpers import Mosquitto, Watcher, noise, start_agent, write_anomaly_wav
+from .test_mqtt_agent import BASE, stop_agent, write_config
+
+
+def _scores(watcher: Watcher) -> list[dict]:
+    return watcher.on(f"{BASE}/fan/score")
+
+
+def _running_agent(tmp_path: Path, toy_model: Path, bank_dir: Path, broker: Mosquitto, wav: Path,
+                   watcher: Watcher) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    cfg = write_config(tmp_path, toy_model, bank_dir, broker.port, wav, realtime=True, loop=True, speed=10,
+                       extra_source="    publish_scores: true")
+    log = tmp_path / "agent.log"
+    proc = start_agent(cfg, log)
+    watcher.wait_for(lambda m: len(_scores(watcher)) >= 3, what="scores from the running agent")
+    return cfg, log, proc
+
+
+def test_config_push_refused_then_applied_and_persisted(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                        broker: Mosquitto, watcher: Watcher,
+                                                        validators: dict) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (4, 6))
+    cfg, log, proc = _running_agent(tmp_path, toy_model, bank_dir, broker, wav, watcher)
+    try:
+        original = cfg.read_text()
+        calibrated = _scores(watcher)[-1]["threshold"]
+        doc = yaml.safe_load(original)
+        doc["sources"][0]["hop_seconds"] = -1
+        watcher.publish(f"{BASE}/config/set", yaml.safe_dump(doc))
+        watcher.wait_for(lambda m: watcher.on(f"{BASE}/config/result"), what="config result")
+        refused = watcher.on(f"{BASE}/config/result")[0]
+        validators["config_result"].validate(refused)
+        assert refused["ok"] is False
+        assert refused["error"]["path"] == "sources[0].hop_seconds"
+        assert refused["error"]["value"] == -1
+        assert cfg.read_text() == original, "a refused config must not touch the file"
+        # the old config keeps running
+        n = len(_scores(watcher))
+        watcher.wait_for(lambda m: len(_scores(watcher)) >= n + 3, what="scores after the refused push")
+        assert proc.poll() is None
+        assert _scores(watcher)[-1]["threshold"] == calibrated
+
+        doc["sources"][0]["hop_seconds"] = 1
+        doc["sources"][0]["threshold"] = 1000.0
+        watcher.publish(f"{BASE}/config/set", json.dumps({"id": "push-2", "config": doc}))
+        watcher.wait_for(lambda m: len(watcher.on(f"{BASE}/config/result")) >= 2, what="second result")
+        accepted = watcher.on(f"{BASE}/config/result")[1]
+        validators["config_result"].validate(accepted)
+        assert accepted["ok"] is True and accepted["request_id"] == "push-2" and accepted["persisted"] is True
+        watcher.wait_for(lambda m: _scores(watcher)[-1]["threshold"] == 1000.0, what="the new threshold in use")
+        assert yaml.safe_load(cfg.read_text())["sources"][0]["threshold"] == 1000.0
+        states = [s for s in watcher.on(f"{BASE}/state") if s["config_hash"] == accepted["config_hash"]]
+        assert states and states[-1]["sources"][0]["threshold_origin"] == "config"
+    finally:
+        assert stop_agent(proc, log) == 0, log.read_text()
+
+
+def test_enroll_over_mqtt_rebuilds_target_bank_and_lowers_target_scores(
+        tmp_path: Path, toy_model: Path, bank_dir: Path, broker: Mosquitto, watcher: Watcher,
+        validators: dict) -> None:
+    wav = tmp_path / "target_domain.wav"
+    write_wav(wav, noise(10, 0.15, seed=11), 8000)  # louder than the bank's source domain
+    _, log, proc = _running_agent(tmp_path, toy_model, bank_dir, broker, wav, watcher)
+    try:
+        assert MemoryBank.load(bank_dir).count_raw("target") == 0
+        before = [s["score"] for s in _scores(watcher)]
+        watcher.publish(f"{BASE}/cmd/enroll", json.dumps({"id": "enroll-1", "source": "fan", "windows": 6}))
+        watcher.wait_for(lambda m: watcher.on(f"{BASE}/cmd/result"), timeout=60, what="enroll result")
+        result = watcher.on(f"{BASE}/cmd/result")[0]
+        validators["cmd_result"].validate(result)
+        assert result["ok"] is True, result
+        assert result["request_id"] == "enroll-1" and result["result"]["target_windows"] == 6
+        bank = MemoryBank.load(bank_dir)
+        assert bank.count_raw("target") == 6 and bank.threshold is not None
+        assert result["result"]["bank"] == bank.content_hash()[:12]
+        n = len(_scores(watcher))
+        watcher.wait_for(lambda m: len(_scores(watcher)) >= n + 5, what="scores after enroll")
+        after = [s for s in _scores(watcher)[n:] if s["bank"] == result["result"]["bank"]]
+        assert len(after) >= 3
+        assert np.median([s["score"] for s in after]) < 0.2 * np.median(before)
+        assert all(not s["over"] for s in after)
+        watcher.publish(f"{BASE}/cmd/status", json.dumps({"id": "st"}))
+        watcher.wait_for(lambda m: len(watcher.on(f"{BASE}/cmd/result")) >= 2, what="status result")
+        status = watcher.on(f"{BASE}/cmd/result")[1]
+        validators["cmd_result"].validate(status)
+        validators["state"].validate(status["result"])
+        assert status["result"]["sources"][0]["bank"]["counts"]["target"] == 6
+    finally:
+        assert stop_agent(proc, log) == 0, log.read_text()
+
+
+def test_unknown_command_and_reload_answer_on_cmd_result(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                          broker: Mosquitto, watcher: Watcher,
+                                                          validators: dict) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (4, 6))
+    cfg, log, proc = _running_agent(tmp_path, toy_model, bank_dir, broker, wav, watcher)
+    try:
+        watcher.publish(f"{BASE}/cmd/explode", "{}")
+        doc = yaml.safe_load(cfg.read_text())
+        doc["sources"][0]["threshold"] = 500.0
+        cfg.write_text(yaml.safe_dump(doc))
+        watcher.publish(f"{BASE}/cmd/reload", json.dumps({"id": "r1"}))
+        watcher.wait_for(lambda m: len(watcher.on(f"{BASE}/cmd/result")) >= 2, what="two results")
+        unknown, reload = watcher.on(f"{BASE}/cmd/result")[:2]
+        for r in (unknown, reload):
+            validators["cmd_result"].validate(r)
+        assert unknown["ok"] is False and "explode" in unknown["error"]
+        assert reload["ok"] is True and reload["request_id"] == "r1"
+        watcher.wait_for(lambda m: _scores(watcher)[-1]["threshold"] == 500.0, what="reloaded threshold")
+    finally:
+        assert stop_agent(proc, log) == 0, log.read_text()
+
+
+def test_sigterm_publishes_retained_stopped_and_exits_cleanly(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                              broker: Mosquitto, watcher: Watcher,
+                                                              validators: dict) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (4, 6))
+    _, log, proc = _running_agent(tmp_path, toy_model, bank_dir, broker, wav, watcher)
+    assert stop_agent(proc, log) == 0, log.read_text()
+    late = Watcher(broker.port, f"{BASE}/#")  # a new subscriber sees only retained messages
+    try:
+        got = late.wait_for(lambda m: {t for t, _, _ in m} >= {f"{BASE}/status", f"{BASE}/state"},
+                            what="retained status and state")
+        retained = {t: p for t, p, r in got if r}
+        assert retained[f"{BASE}/status"] == "stopped"
+        validators["state"].validate(retained[f"{BASE}/state"])
+        assert retained[f"{BASE}/state"]["status"] == "stopped"
+    finally:
+        late.close()
+    assert "event=stopped status=stopped" in log.read_text()
