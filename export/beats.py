@@ -211,7 +211,7 @@ class BEATsEncoder(ExportableEncoder):
         self.frames = num_frames(WINDOW_SAMPLES) // PATCH * PATCH
         self.time_patches = self.frames // PATCH
         self.freq_patches = 128 // PATCH
-        self.front_end = KaldiFbank(WINDOW_SAMPLES)
+        self.frontend = KaldiFbank(WINDOW_SAMPLES)
         self.patch_embedding = nn.Conv2d(1, int(cfg["embed_dim"]), PATCH, stride=PATCH, bias=False)
         self.layer_norm = nn.LayerNorm(int(cfg["embed_dim"]))
         self.post_extract_proj = nn.Linear(int(cfg["embed_dim"]), dim)
@@ -229,7 +229,7 @@ class BEATsEncoder(ExportableEncoder):
 
     def token_grids(self, waveform: torch.Tensor) -> list[torch.Tensor]:
         """Block outputs 1..max(layers) as grids [B, T=62, F=8, 768]."""
-        fbank = self.front_end(waveform)[:, : self.frames].unsqueeze(1)  # [B, 1, 992, 128]
+        fbank = self.frontend(waveform)[:, : self.frames].unsqueeze(1)  # [B, 1, 992, 128]
         patches = self.patch_embedding(fbank)  # [B, 512, 62, 8]
         tokens = self.layer_norm(patches.flatten(2).transpose(1, 2))  # time-major: t * 8 + f
         tokens = self.post_extract_proj(tokens)
