@@ -71,11 +71,17 @@ def _finish(sq: np.ndarray, metric: str) -> np.ndarray:
     return np.sqrt(sq) if metric == "euclidean" else sq
 
 
-def pairwise_sq(x: np.ndarray, refs: np.ndarray) -> np.ndarray:
-    """Squared distances [B, N] in float64 via the norm expansion, clamped at 0."""
+def pairwise_sq(x: np.ndarray, refs: np.ndarray, refs64: np.ndarray | None = None,
+                ref_norms: np.ndarray | None = None) -> np.ndarray:
+    """Squared distances [B, N] in float64 via the norm expansion, clamped at 0.
+
+    Cancellation makes small distances inexact; callers recompute the ones they keep with
+    exact_distances. refs64 / ref_norms: the refs in float64 and their squared norms, if cached.
+    """
     x64 = x.astype(np.float64)
-    r64 = refs.astype(np.float64)
-    sq = np.einsum("ij,ij->i", x64, x64)[:, None] - 2.0 * (x64 @ r64.T) + np.einsum("ij,ij->i", r64, r64)[None]
+    r64 = refs.astype(np.float64) if refs64 is None else refs64
+    norms = np.einsum("ij,ij->i", r64, r64) if ref_norms is None else ref_norms
+    sq = np.einsum("ij,ij->i", x64, x64)[:, None] - 2.0 * (x64 @ r64.T) + norms[None]
     np.maximum(sq, 0.0, out=sq)
     return sq
 
@@ -119,6 +125,15 @@ class KnnIndex:
             raise ValueError(f"refs must be [N, D], got shape {list(arr.shape)}")
         self.refs = np.ascontiguousarray(arr)
         self.metric = metric
+        self._refs64: np.ndarray | None = None
+        self._ref_norms: np.ndarray | None = None
+
+    def pairwise_sq(self, x: np.ndarray) -> np.ndarray:
+        """Squared distances of a (small) query block to all refs, see the module function."""
+        if self._refs64 is None:
+            self._refs64 = self.refs.astype(np.float64)
+            self._ref_norms = np.einsum("ij,ij->i", self._refs64, self._refs64)
+        return pairwise_sq(x, self.refs, self._refs64, self._ref_norms)
 
     @property
     def size(self) -> int:
@@ -161,7 +176,7 @@ class ExactIndex(KnnIndex):
         out_i = np.empty((x.shape[0], k), dtype=np.int64)
         for start in range(0, x.shape[0], rows):
             stop = min(start + rows, x.shape[0])
-            sq = pairwise_sq(x[start:stop], self.refs)
+            sq = self.pairwise_sq(x[start:stop])
             if ex is not None:
                 block = ex[start:stop]
                 r, c = np.nonzero(block >= 0)

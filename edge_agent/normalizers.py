@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_agent.errors import BankError, ConfigError
-from edge_agent.knn import HnswIndex, KnnIndex, cap_k, pairwise_sq
+from edge_agent.knn import HnswIndex, KnnIndex, cap_k, exact_distances
 
 if TYPE_CHECKING:
     from edge_agent.scoring import ScoringConfig
@@ -30,6 +30,7 @@ SIGMA_FALLBACKS: tuple[str, ...] = ("pooled", "source")
 B_FLOOR_REL = 1e-6
 _TINY = 1e-12
 _BLOCK_ELEMENTS = 4_000_000
+_RECHECK = 8  # best ratios per query recomputed from exact differences
 
 
 @dataclass
@@ -114,18 +115,24 @@ def min_ratio(index: KnnIndex, b: np.ndarray, x: np.ndarray, candidates: int,
 
 
 def _min_ratio_full(index: KnnIndex, b: np.ndarray, x: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
-    out = np.empty(x.shape[0])
-    rows = max(1, _BLOCK_ELEMENTS // max(1, index.size))
+    out = np.full(x.shape[0], np.inf)
+    if index.size == 0:
+        return out
+    rows = max(1, _BLOCK_ELEMENTS // index.size)
+    keep = min(_RECHECK, index.size)
     for start in range(0, x.shape[0], rows):
         stop = min(start + rows, x.shape[0])
-        sq = pairwise_sq(x[start:stop], index.refs)
-        dist = np.sqrt(sq) if index.metric == "euclidean" else sq
-        ratio = dist / b[None, :]
+        sq = index.pairwise_sq(x[start:stop])
+        ratio = (np.sqrt(sq) if index.metric == "euclidean" else sq) / b[None, :]
         if exclude is not None:
             block = np.asarray(exclude, dtype=np.int64).reshape(x.shape[0], -1)[start:stop]
             r, c = np.nonzero(block >= 0)
             ratio[r, block[r, c]] = np.inf
-        out[start:stop] = ratio.min(axis=1) if index.size else np.inf
+        # The expansion loses precision for near-duplicates: redo the best few ratios exactly.
+        idx = np.argpartition(ratio, keep - 1, axis=1)[:, :keep]
+        excluded = np.isinf(np.take_along_axis(ratio, idx, 1))
+        exact = exact_distances(x[start:stop], index.refs, idx, index.metric) / b[idx]
+        out[start:stop] = np.where(excluded, np.inf, exact).min(axis=1)
     return out
 
 

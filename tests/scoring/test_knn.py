@@ -56,7 +56,7 @@ def test_exclusion_sets() -> None:
 
 def test_exact_is_precise_far_from_the_origin() -> None:
     # ||a||^2 - 2ab + ||b||^2 loses everything here; the selected distances are recomputed exactly.
-    base = np.full((1, 64), 3.0e3, dtype=np.float32)
+    base = np.full((1, 64), 1.0e5, dtype=np.float32)
     refs = np.concatenate([base, base + np.float32(0.25)])
     d, i = ExactIndex(refs, "euclidean").query(base, 2)
     assert i.tolist() == [[0, 1]]

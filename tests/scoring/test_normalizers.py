@@ -189,3 +189,24 @@ def test_ld_domain_hnsw_scorer_matches_exact_scorer(info_factory, clustered) -> 
     a, b = exact.score({"layer_1": q}), hnsw.score({"layer_1": q})
     assert np.mean(np.isclose(a, b, rtol=1e-9)) >= 0.98
     assert np.allclose(a, b, rtol=0.05)
+
+
+def test_ld_domain_loo_through_hnsw_matches_exact(info_factory, clustered) -> None:
+    rng = np.random.default_rng(7)
+    info = info_factory({"layer_1": 32})
+    bank = MemoryBank(info, {"source": {"layer_1": clustered(rng, 1500, 32)},
+                             "target": {"layer_1": clustered(rng, 10, 32)}}).with_memmixup()
+    exact = Scorer.fit(bank, ScoringConfig(exact_below=10**9)).loo_scores()
+    hnsw = Scorer.fit(bank, ScoringConfig(exact_below=100, candidates=32)).loo_scores()
+    assert exact.shape == hnsw.shape == (1510,)
+    assert np.mean(np.isclose(exact, hnsw, rtol=1e-9)) >= 0.98
+
+
+@pytest.mark.parametrize("normalizer", ["none", "ld-domain"])
+def test_query_on_a_ref_far_from_the_origin_scores_exactly_zero(info_factory, normalizer: str) -> None:
+    # The float64 norm expansion alone leaves distances of ~0.01-0.1 between identical points here.
+    rng = np.random.default_rng(8)
+    refs = (1.0e5 + rng.normal(size=(50, 64))).astype(np.float32)
+    bank = MemoryBank(info_factory({"layer_1": 64}), {"source": {"layer_1": refs}})
+    got = Scorer.fit(bank, ScoringConfig(normalizer=normalizer)).score({"layer_1": refs[:5]})
+    assert got.tolist() == [0.0] * 5
