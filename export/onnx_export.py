@@ -31,8 +31,10 @@ MAX_REL_ERROR = 1e-4
 VERIFY_BATCH = 2
 QUANTIZE_MODES = ("int8",)
 SPEED_RUNS = 5
-# Modules whose ONNX nodes stay fp32 in --fp16 / int8 models: front-ends (DFT bases, mel matmul, log)
-# lose several dB of accuracy at 16 bits and are a small share of the compute.
+TONE_CYCLES_PER_SAMPLE = 0.0311  # ~1 kHz at 32 kHz, ~500 Hz at 16 kHz
+# ONNX node-name prefixes that stay fp32 in --fp16 / int8 models: front-ends (DFT bases, mel matmul,
+# log) lose accuracy badly at 16 bits or 8 bits. The scope comes from the submodule's attribute name;
+# an encoder may list others in a `keep_fp32_scopes` attribute.
 FRONTEND_SCOPES = ("/frontend/",)
 # Dynamic int8 covers the matrix products only. Dynamic Conv quantization (ConvInteger, activations
 # quantized per tensor at run time) measured 0.83 relative error and 2x the latency on mn04.
@@ -106,10 +108,11 @@ def export_model(
         if precision == "fp32":
             os.replace(fp32_tmp, final_tmp)
         else:
+            scopes = tuple(getattr(model, "keep_fp32_scopes", FRONTEND_SCOPES))
             if fp16:
-                _convert_fp16(fp32_tmp, final_tmp)
+                _convert_fp16(fp32_tmp, final_tmp, scopes)
             else:
-                _quantize_int8(fp32_tmp, final_tmp)
+                _quantize_int8(fp32_tmp, final_tmp, scopes)
             _write_metadata(final_tmp, info)
             reduced_error = compare_onnx(fp32_tmp, final_tmp, info.window_samples, seed)
             ms, fp32_ms = cpu_ms_per_window(final_tmp, info), cpu_ms_per_window(fp32_tmp, info)
@@ -187,11 +190,11 @@ def read_model_info(path: Path | str) -> ModelInfo:
 
 
 def verification_audio(batch: int, samples: int, seed: int) -> np.ndarray:
-    """Noise with a level ramp and a tone: exercises loud and quiet mel bins alike."""
+    """Noise at several levels plus a rising tone: exercises loud and quiet spectrogram bins alike."""
     rng = np.random.default_rng(seed)
-    t = np.arange(samples) / samples
+    ramp = np.arange(samples) / samples
     noise = rng.standard_normal((batch, samples)) * np.linspace(0.02, 0.3, batch)[:, None]
-    tone = 0.2 * np.sin(2 * np.pi * 997.0 * np.arange(samples) / 32000.0) * t
+    tone = 0.2 * np.sin(2 * np.pi * TONE_CYCLES_PER_SAMPLE * np.arange(samples)) * ramp
     return (noise + tone).astype(np.float32)
 
 
@@ -238,19 +241,19 @@ def cpu_ms_per_window(path: Path, info: ModelInfo, runs: int = SPEED_RUNS) -> fl
     return float(np.median(times))
 
 
-def _frontend_nodes(proto: onnx.ModelProto) -> list[str]:
-    return [node.name for node in proto.graph.node if node.name.startswith(FRONTEND_SCOPES)]
+def _frontend_nodes(proto: onnx.ModelProto, scopes: tuple[str, ...] = FRONTEND_SCOPES) -> list[str]:
+    return [node.name for node in proto.graph.node if node.name.startswith(scopes)]
 
 
-def _convert_fp16(source: Path, dest: Path) -> None:
+def _convert_fp16(source: Path, dest: Path, scopes: tuple[str, ...]) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     proto = onnx.load(str(source))
-    converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=_frontend_nodes(proto))
+    converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=_frontend_nodes(proto, scopes))
     onnx.save(converted, str(dest))
 
 
-def _quantize_int8(source: Path, dest: Path) -> None:
+def _quantize_int8(source: Path, dest: Path, scopes: tuple[str, ...]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = onnx.load(str(source))
@@ -259,5 +262,5 @@ def _quantize_int8(source: Path, dest: Path) -> None:
         str(dest),
         op_types_to_quantize=list(INT8_OP_TYPES),
         weight_type=QuantType.QInt8,
-        nodes_to_exclude=_frontend_nodes(proto),
+        nodes_to_exclude=_frontend_nodes(proto, scopes),
     )
