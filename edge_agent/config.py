@@ -164,7 +164,7 @@ class AgentConfig:
     # filled in by load, not by the YAML:
     config_hash: str = ""
     source_file: str = ""
-    password: str | None = None  # resolved MQTT password (never logged)
+    mqtt_password: str | None = field(default=None, repr=False)  # resolved secret, never logged
 
     def source(self, name: str) -> SourceConfig:
         for src in self.sources:
@@ -187,7 +187,7 @@ class AgentConfig:
         return f"edge-agent-{self.node}"
 
 
-_DERIVED = {"config_hash", "source_file", "password"}
+_DERIVED = {"config_hash", "source_file", "mqtt_password"}
 
 
 def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None,
@@ -207,10 +207,12 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     raw.setdefault("node", _default_node())
     ctx = _Ctx(source=source, base_dir=base_dir if base_dir is not None else Path.cwd())
     cfg = _build(AgentConfig, raw, "", ctx)
+    if not cfg.state_dir.is_absolute():  # the default, like every path, is relative to the config file
+        cfg = dataclasses.replace(cfg, state_dir=ctx.base_dir / cfg.state_dir)
     _check_semantics(cfg, ctx)
     password = _resolve_password(cfg, ctx, os.environ if env is None else env)
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return dataclasses.replace(cfg, config_hash=digest, source_file=source, password=password)
+    return dataclasses.replace(cfg, config_hash=digest, source_file=source, mqtt_password=password)
 
 
 def load_config(path: Path) -> AgentConfig:

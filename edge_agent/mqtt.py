@@ -318,7 +318,7 @@ class MqttPublisher:
         client.will_set(self.topics.status, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=m.reconnect_min_seconds, max_delay=m.reconnect_max_seconds)
         if m.username is not None:
-            client.username_pw_set(m.username, cfg.password)
+            client.username_pw_set(m.username, cfg.mqtt_password)
         if m.tls is not None:
             client.tls_set(
                 ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None,
