@@ -87,9 +87,15 @@ def pairwise_sq(x: np.ndarray, refs: np.ndarray, refs64: np.ndarray | None = Non
 
 
 def exact_distances(x: np.ndarray, refs: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray:
-    """d(x_b, refs[idx[b, j]]) computed from differences in float64 (no cancellation)."""
-    diff = refs[idx].astype(np.float64) - x.astype(np.float64)[:, None, :]
-    return _finish(np.einsum("bkd,bkd->bk", diff, diff), metric)
+    """d(x_b, refs[idx[b, j]]) computed from differences in float64 (no cancellation), in blocks."""
+    out = np.empty(idx.shape, dtype=np.float64)
+    per_row = max(1, idx.shape[1] * refs.shape[1])
+    rows = max(1, _BLOCK_ELEMENTS // per_row)
+    for start in range(0, idx.shape[0], rows):
+        stop = min(start + rows, idx.shape[0])
+        diff = refs[idx[start:stop]].astype(np.float64) - x[start:stop].astype(np.float64)[:, None, :]
+        out[start:stop] = np.einsum("bkd,bkd->bk", diff, diff)
+    return _finish(out, metric)
 
 
 def _sort_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -55,12 +55,17 @@ def test_exclusion_sets() -> None:
 
 
 def test_exact_is_precise_far_from_the_origin() -> None:
-    # ||a||^2 - 2ab + ||b||^2 loses everything here; the selected distances are recomputed exactly.
-    base = np.full((1, 64), 1.0e5, dtype=np.float32)
-    refs = np.concatenate([base, base + np.float32(0.25)])
-    d, i = ExactIndex(refs, "euclidean").query(base, 2)
-    assert i.tolist() == [[0, 1]]
-    assert d[0, 0] == 0.0 and d[0, 1] == pytest.approx(0.25 * 8.0, rel=1e-12)
+    # Far from the origin ||a||^2 - 2ab + ||b||^2 is off by ~1e-3 relative; the returned distances
+    # are recomputed from the differences.
+    rng = np.random.default_rng(4)
+    refs = (1.0e5 + rng.normal(size=(50, 64))).astype(np.float32)
+    x = (refs[:5] + rng.normal(size=(5, 64)).astype(np.float32) * np.float32(0.05))
+    want = brute(x, refs)
+    naive = np.sqrt(knn.pairwise_sq(x, refs))
+    assert np.max(np.abs(naive - want) / want) > 1e-5  # the naive formula is wrong here
+    d, i = ExactIndex(refs, "euclidean").query(x, 3)
+    assert np.array_equal(i, np.argsort(want, axis=1)[:, :3])
+    assert np.allclose(d, np.sort(want, axis=1)[:, :3], rtol=1e-12, atol=0)
 
 
 def test_exact_chunked_equals_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,3 +118,14 @@ def test_hnsw_is_deterministic_and_round_trips(tmp_path) -> None:
 def test_query_shape_is_checked() -> None:
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
         ExactIndex(np.zeros((4, 3)), "euclidean").query(np.zeros((2, 4)), 1)
+
+
+def test_exact_distances_in_blocks_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(9)
+    refs = rng.normal(size=(30, 6)).astype(np.float32)
+    x = rng.normal(size=(25, 6)).astype(np.float32)
+    idx = rng.integers(0, 30, size=(25, 4))
+    whole = knn.exact_distances(x, refs, idx, "euclidean")
+    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 50)  # 2 rows per block
+    assert np.array_equal(knn.exact_distances(x, refs, idx, "euclidean"), whole)
+    assert np.allclose(whole, np.take_along_axis(brute(x, refs), idx, 1), rtol=1e-12)
