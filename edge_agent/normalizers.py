@@ -57,11 +57,13 @@ class LayerBank:
 
     def target_loo_exclude(self) -> np.ndarray:
         """[n_target_raw, E] target rows each raw target ref must not see (-1 padded)."""
-        groups = [np.flatnonzero(self.target_groups == i) for i in range(self.n_target_raw)]
-        width = max((len(g) for g in groups), default=1)
-        out = np.full((self.n_target_raw, width), -1, dtype=np.int64)
-        for i, g in enumerate(groups):
-            out[i, : len(g)] = g
+        groups = np.asarray(self.target_groups, dtype=np.int64)
+        counts = np.bincount(groups, minlength=self.n_target_raw)
+        out = np.full((self.n_target_raw, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
+        order = np.argsort(groups, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        column = np.arange(len(groups)) - np.repeat(starts, counts)
+        out[groups[order], column] = order
         return out
 
 

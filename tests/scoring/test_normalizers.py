@@ -210,3 +210,11 @@ def test_query_on_a_ref_far_from_the_origin_scores_exactly_zero(info_factory, no
     bank = MemoryBank(info_factory({"layer_1": 64}), {"source": {"layer_1": refs}})
     got = Scorer.fit(bank, ScoringConfig(normalizer=normalizer)).score({"layer_1": refs[:5]})
     assert got.tolist() == [0.0] * 5
+
+
+def test_target_loo_exclusion_groups() -> None:
+    from edge_agent.normalizers import LayerBank
+
+    # 3 raw target refs, 2 MemMixup points each, in the bank's order [T; mixes of t0; t1; t2]
+    lb = LayerBank("l", None, None, np.array([0, 1, 2, 0, 0, 1, 1, 2, 2]), 3)  # type: ignore[arg-type]
+    assert lb.target_loo_exclude().tolist() == [[0, 3, 4], [1, 5, 6], [2, 7, 8]]
