@@ -10,6 +10,8 @@ Test labels are used only for the metrics, never for fitting.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from edge_agent.dcase_metrics import MAX_FPR, SectionMetrics, Summary, section_m
 from edge_agent.encoder import Encoder
 from edge_agent.errors import DatasetError
 from edge_agent.model_info import ModelInfo
+from edge_agent.normalizers import NORMALIZERS
 from edge_agent.progress import Progress
 from edge_agent.scoring import EnsembleScorer, Scorer, ScoringConfig
 from edge_agent.wavio import read_wav
@@ -149,6 +152,7 @@ def _section_bank(model: ModelEmbeddings, train: dict[str, list[Clip]]) -> Memor
 def score_embeddings(embeddings: DatasetEmbeddings, cfg: ScoringConfig) -> EvalResult:
     """Fit scorers on each section's training clips and compute the DCASE metrics on its test clips."""
     sections: list[SectionResult] = []
+    layers_used: dict[Path, list[str]] = {}
     for machine in embeddings.dataset.machines.values():
         for section in machine.sections:
             train = machine.train_by_domain(section)
@@ -164,6 +168,7 @@ def score_embeddings(embeddings: DatasetEmbeddings, cfg: ScoringConfig) -> EvalR
             for model in embeddings.models:
                 scorers.append(Scorer.fit(_section_bank(model, train), cfg))
                 test_embeddings.append(model.stack(test, model.info.layers))
+                layers_used[model.path] = list(scorers[-1].layers)
             if len(scorers) == 1:
                 scores = scorers[0].score(test_embeddings[0])
             else:
@@ -180,7 +185,8 @@ def score_embeddings(embeddings: DatasetEmbeddings, cfg: ScoringConfig) -> EvalR
                      if np.isnan([s.metrics.auc_source, s.metrics.auc_target, s.metrics.pauc]).any()]
         log.warning("%d metric value(s) are undefined (a subset lacks normal or anomalous clips) in %s; "
                     "the harmonic means leave them out", summary.n_undefined, ", ".join(undefined))
-    models = [{"path": str(m.path), "model_id": m.model_id, "variant": m.info.variant} for m in embeddings.models]
+    models = [{"path": str(m.path), "model_id": m.model_id, "variant": m.info.variant,
+               "layers": layers_used.get(m.path, [])} for m in embeddings.models]
     return EvalResult(sections, summary, cfg.to_dict(), models, embeddings.dataset.root)
 
 
@@ -196,3 +202,39 @@ def evaluate_dataset(model_paths: Sequence[Path], dataset_root: Path, cfg: Scori
 
         write_report(result, report_dir)
     return result
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `edge-agent evaluate`; run_evaluate() executes them."""
+    parser.add_argument("--model", dest="models", action="append", type=Path, required=True,
+                        help="ONNX encoder from edge-export; repeat for an ensemble (mean of normalized scores)")
+    parser.add_argument("--dataset", type=Path, required=True,
+                        help="DCASE layout root: ROOT/<machine>/{train,test}/section_XX_*.wav")
+    parser.add_argument("--normalization", choices=NORMALIZERS, default=ScoringConfig.normalizer,
+                        help="score normalizer (default: %(default)s)")
+    parser.add_argument("--layers", default=None,
+                        help="comma-separated layers to score (default: the model's default layers)")
+    parser.add_argument("--machines", default=None, help="comma-separated machine directories (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="write report.md, result.json, scores and PNG plots into this directory")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip()) if args.layers else None
+    machines = [m.strip() for m in args.machines.split(",") if m.strip()] if args.machines else None
+    cfg = ScoringConfig(normalizer=args.normalization, layers=layers)
+    result = evaluate_dataset(args.models, args.dataset, cfg, batch_size=args.batch_size,
+                              report_dir=args.report, progress=not args.no_progress, machines=machines)
+    if args.json:
+        print(json.dumps(result.to_json(), sort_keys=True, allow_nan=False), flush=True)
+    else:
+        from edge_agent.report import markdown
+
+        table = markdown(result).split("## Scoring configuration")[0].rstrip()
+        print(table, flush=True)
+        if args.report is not None:
+            print(f"\nreport: {args.report / 'report.md'}")
+    return 0

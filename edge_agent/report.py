@@ -69,7 +69,8 @@ def markdown(result: EvalResult, images: dict[str, str] | None = None) -> str:
         "# Evaluation report",
         "",
         f"Dataset: `{result.dataset_root}`  ",
-        "Models: " + ", ".join(f"`{m['model_id']}`" for m in result.models),
+        "Models: " + ", ".join(f"`{m['model_id']}` (layers {', '.join(m.get('layers', []))})"
+                               for m in result.models),
         "",
         "| machine | section | AUC source | AUC target | pAUC | AUC all | test clips | train refs (S/T) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -12,7 +13,13 @@ import pytest
 
 from edge_agent.dcase import scan_dataset
 from edge_agent.errors import DatasetError, EdgeAsdError
-from edge_agent.evaluate import embed_dataset, evaluate_dataset, score_embeddings
+from edge_agent.evaluate import (
+    add_evaluate_arguments,
+    embed_dataset,
+    evaluate_dataset,
+    run_evaluate,
+    score_embeddings,
+)
 from edge_agent.report import write_report
 from edge_agent.scoring import ScoringConfig
 from edge_agent.synthetic import synthesize_dataset
@@ -128,3 +135,36 @@ def test_report_without_matplotlib_is_a_clear_error(mn04_random_onnx: Path, synt
         write_report(result, tmp_path / "r")
     write_report(result, tmp_path / "tables-only", plots=False)
     assert "| gearbox | 00 |" in (tmp_path / "tables-only" / "report.md").read_text()
+
+
+def test_cli_hook_prints_json_on_the_last_line(mn04_random_onnx: Path, synthetic_root: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    args = parser.parse_args(["--model", str(mn04_random_onnx), "--dataset", str(synthetic_root),
+                              "--machines", "fan", "--normalization", "zscore-test", "--layers", "layer_12",
+                              "--json", "--no-progress"])
+    assert run_evaluate(args) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    data = json.loads(last_line)
+    assert list(data["machines"]) == ["fan"]
+    assert data["config"]["normalizer"] == "zscore-test"
+    assert data["models"][0]["layers"] == ["layer_12"]
+
+
+def test_several_sections_are_scored_separately(mn04_random_onnx: Path, synthetic_root: Path,
+                                                tmp_path: Path) -> None:
+    # DCASE 2021/2022 style: one machine, sections 00 and 01, each with its own banks
+    for split in ("train", "test"):
+        out = tmp_path / "fan" / split
+        out.mkdir(parents=True)
+        for clip in sorted((synthetic_root / "fan" / split).glob("*.wav")):
+            (out / clip.name).write_bytes(clip.read_bytes())
+            (out / clip.name.replace("section_00", "section_01")).write_bytes(clip.read_bytes())
+    result = evaluate_dataset([mn04_random_onnx], tmp_path, ScoringConfig(normalizer="none"), progress=False)
+    assert [(s.machine, s.section) for s in result.sections] == [("fan", "00"), ("fan", "01")]
+    np.testing.assert_allclose(result.sections[0].scores, result.sections[1].scores, rtol=1e-6)
+    entry = result.to_json()["machines"]["fan"]
+    assert set(entry["sections"]) == {"00", "01"}
+    assert entry["auc_source"] == pytest.approx(entry["sections"]["00"]["auc_source"])
+    assert entry["n_test"] == 48
