@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 DOMAINS: tuple[str, str] = ("source", "target")
 BANK_JSON = "bank.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_LOAD_ATTEMPTS = 3
+_LOAD_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ class Features:
 
     @staticmethod
     def concat(parts: list[Features]) -> Features:
-        tgt = None if parts[0].target is None else np.concatenate([p.target for p in parts])  # type: ignore[misc]
+        targets = [p.target for p in parts if p.target is not None]
+        tgt = np.concatenate(targets) if len(targets) == len(parts) else None
         return Features(np.concatenate([p.source for p in parts]), tgt)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,7 @@ def test_reader_sees_old_or_new_bank_during_replacement(bank: MemoryBank, tmp_pa
     try:
         for i in range(30):
             versions[i % 2].save(path)
+            time.sleep(0.005)  # a reader needs a moment between two swaps to finish a retry
     finally:
         stop.set()
         reader.join()
