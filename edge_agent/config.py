@@ -159,8 +159,6 @@ class AgentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # windows waiting for inference before capture drops
     queue_windows: int = field(default=32, metadata=_limits(lo=1, hi=10000))
-    # used when systemd gives no WATCHDOG_USEC
-    watchdog_seconds: float = field(default=30.0, metadata=_limits(lo=1.0, hi=3600.0))
     # filled in by load, not by the YAML:
     config_hash: str = ""
     source_file: str = ""

@@ -211,6 +211,7 @@ class FileSource(AudioSource):
     def __init__(self, cfg: SourceConfig, model_rate: int):
         super().__init__(cfg, model_rate)
         self.finite = not cfg.loop
+        self._clock_end = 0.0
 
     def files(self) -> list[Path]:
         assert self.cfg.path is not None
@@ -236,7 +237,10 @@ class FileSource(AudioSource):
         if self._windower is None or self._windower.sample_rate != rate:
             self._windower = Windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds)
         block = max(1, round(self.cfg.block_seconds * rate))
-        t0 = time.time()
+        # Fast replay runs ahead of the wall clock: never let a new file start before the last one ended.
+        t0 = max(time.time(), self._clock_end)
+        step = self.cfg.speed if self.cfg.realtime else 1.0
+        self._clock_end = t0 + len(audio) / rate / step
         pace = t0 if self.cfg.realtime else None
         for offset in range(0, len(audio), block):
             if self._stop.is_set():
@@ -247,7 +251,7 @@ class FileSource(AudioSource):
                 if delay > 0 and self._stop.wait(delay):
                     return
             # Replayed audio is stamped as if captured now at the configured speed.
-            start = t0 + offset / rate / (self.cfg.speed if self.cfg.realtime else 1.0)
+            start = t0 + offset / rate / step
             self._emit(audio[offset: offset + block], start, gap=offset == 0)
 
 

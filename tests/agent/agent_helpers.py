@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import socket
@@ -100,14 +101,16 @@ def free_port() -> int:
 class Mosquitto:
     """A real broker on a loopback port; stop() and start() keep the port."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, listener_options: str = "allow_anonymous true\n"):
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.binary = binary
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
         # Persistence keeps a durable subscriber's session (and its queued messages) across restarts.
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {workdir}/\n")
+        # `user`: mosquitto started by root would switch to the mosquitto user, which cannot read tmp files.
+        self.conf.write_text(f"user {getpass.getuser()}\n"
+                             f"per_listener_settings true\npersistence true\npersistence_location {workdir}/\n"
+                             f"listener {self.port} 127.0.0.1\n{listener_options}")
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -133,7 +136,8 @@ class Mosquitto:
 class Watcher:
     """A paho subscriber recording every message (topic, decoded payload, retain flag)."""
 
-    def __init__(self, port: int, topics: str = "#", durable: bool = False):
+    def __init__(self, port: int, topics: str = "#", durable: bool = False,
+                 setup: Callable[[paho.Client], None] | None = None):
         self.messages: list[tuple[str, Any, bool]] = []
         self._cond = threading.Condition()
         # durable: a persistent session, so the broker queues what arrives while we reconnect
@@ -142,7 +146,11 @@ class Watcher:
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(topics, qos=1)
         self.client.reconnect_delay_set(1, 1)
-        self.client.connect_async("127.0.0.1", port)
+        host = "127.0.0.1"
+        if setup is not None:
+            setup(self.client)
+            host = "localhost"
+        self.client.connect_async(host, port)
         self.client.loop_start()
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:

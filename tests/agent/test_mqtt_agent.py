@@ -152,6 +152,8 @@ def test_broker_outage_and_agent_restart_lose_no_alert(tmp_path: Path, toy_model
     events = alerts(watcher)
     for e in events:
         validators["alert"].validate(e)
+    # `online` is re-sent on every connect: start, after the broker restart, after the agent restart
+    assert watcher.on(f"{BASE}/status").count("online") >= 3
     episodes = check_episodes_complete_and_ordered(events)
     text = log.read_text()
     logged = [line.split("event_id=")[1].split()[0] for line in text.splitlines() if "event=alert" in line]
