@@ -60,7 +60,7 @@ OFFICIAL_WEIGHTS = {
 }
 
 # The tentative scoring defaults: the last block of the stride-16 stages (see docs/encoders.md).
-_DEFAULT_LAYERS = ("layer_8", "layer_12")
+_DEFAULT_LAYERS = ("layer_11", "layer_12")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def test_cli_exports_random_init(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "layer_8 [256], embedding [384]" in printed
     assert "verification: max relative error ONNX vs PyTorch" in printed
     info = read_model_info(tmp_path / "mn04.onnx")
-    assert info.layers == ("layer_8", "embedding") and info.default_layers == ("layer_8",)
+    assert info.layers == ("layer_8", "embedding") and info.default_layers == ("layer_8", "embedding")
 
 
 def test_cli_with_weights_dir_quantized(
