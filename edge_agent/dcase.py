@@ -147,5 +147,7 @@ def scan_dataset(root: Path | str, machines: Iterable[str] | None = None) -> Dat
                                f"(found: {', '.join(candidates) or 'none'})")
         candidates = {m: candidates[m] for m in wanted}
     if not candidates:
-        raise DatasetError(f"{root}: no machine directories (expected ROOT/<machine>/{{train,test}}/*.wav)")
+        hint = "; it holds clips itself: pass the dataset root above the machine directories" \
+            if _wav_files(root) else ""
+        raise DatasetError(f"{root}: no machine directories (expected ROOT/<machine>/{{train,test}}/*.wav){hint}")
     return Dataset(root=root, machines={name: scan_machine(path, name) for name, path in candidates.items()})

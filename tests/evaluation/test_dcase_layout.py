@@ -96,6 +96,9 @@ def test_missing_root_and_unknown_machine(tmp_path: Path) -> None:
              ["section_00_source_test_normal_0000.wav"])
     with pytest.raises(DatasetError, match=r"no machine directory slider \(found: fan\)"):
         scan_dataset(tmp_path, machines=["slider"])
+    clip_dir = tmp_path / "fan" / "test"
+    with pytest.raises(DatasetError, match="holds clips itself: pass the dataset root"):
+        scan_dataset(clip_dir)
 
 
 def test_real_dcase_sample_parses(dcase_sample: Path) -> None:
