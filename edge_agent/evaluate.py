@@ -24,7 +24,7 @@ from edge_agent.bank import MemoryBank
 from edge_agent.dcase import Clip, Dataset, scan_dataset
 from edge_agent.dcase_metrics import MAX_FPR, SectionMetrics, Summary, section_metrics, summarize
 from edge_agent.encoder import Encoder
-from edge_agent.errors import DatasetError
+from edge_agent.errors import ConfigError, DatasetError
 from edge_agent.model_info import ModelInfo
 from edge_agent.normalizers import NORMALIZERS
 from edge_agent.progress import Progress
@@ -41,6 +41,7 @@ class ModelEmbeddings:
     info: ModelInfo
     model_id: str
     path: Path
+    layers: tuple[str, ...]  # the outputs kept (all, or those scoring will use)
     by_clip: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def stack(self, clips: Sequence[Clip], layers: Sequence[str]) -> dict[str, np.ndarray]:
@@ -55,9 +56,29 @@ class DatasetEmbeddings:
     models: list[ModelEmbeddings]
 
 
+def kept_layers(info: ModelInfo, layers: Sequence[str] | str | None) -> tuple[str, ...]:
+    """None: every output; "default": the model's default_layers; a list: those of them the model has."""
+    if layers is None:
+        return info.layers
+    if isinstance(layers, str):
+        if layers != "default":
+            raise ValueError(f"layers must be None, 'default' or a list of names, got {layers!r}")
+        return info.default_layers
+    kept = tuple(layer for layer in info.layers if layer in layers)
+    if not kept:
+        raise ConfigError("scoring.layers", f"none of them is an output of {info.variant} "
+                          f"({', '.join(info.layers)})", list(layers))
+    return kept
+
+
 def embed_dataset(model_paths: Sequence[Path], dataset: Dataset | Path, batch_size: int = 8,
-                  progress: bool = True, providers: Sequence[str] = ("auto",)) -> DatasetEmbeddings:
-    """Read every train and test clip once and embed it with each model."""
+                  progress: bool = True, providers: Sequence[str] = ("auto",),
+                  layers: Sequence[str] | str | None = None) -> DatasetEmbeddings:
+    """Read every train and test clip once and embed it with each model.
+
+    `layers` limits what is kept in memory (see kept_layers); a 12-layer BEATs keeps ~300 kB per
+    clip with every output, which adds up over a full DCASE development set.
+    """
     if not model_paths:
         raise DatasetError("no model given to evaluate")
     if batch_size < 1:
@@ -65,7 +86,8 @@ def embed_dataset(model_paths: Sequence[Path], dataset: Dataset | Path, batch_si
     if not isinstance(dataset, Dataset):
         dataset = scan_dataset(dataset)
     encoders = [Encoder(Path(p), providers=providers) for p in model_paths]
-    results = [ModelEmbeddings(enc.info, enc.model_id, enc.path) for enc in encoders]
+    results = [ModelEmbeddings(enc.info, enc.model_id, enc.path, kept_layers(enc.info, layers))
+               for enc in encoders]
     clips = dataset.all_clips()
     with Progress(len(clips), "embedding", enabled=progress) as bar:
         for first in range(0, len(clips), batch_size):
@@ -75,7 +97,7 @@ def embed_dataset(model_paths: Sequence[Path], dataset: Dataset | Path, batch_si
                 windows = np.stack([encoder.prepare(samples, rate) for samples, rate in audio])
                 outputs = encoder.embed(windows)
                 for row, clip in enumerate(batch):
-                    result.by_clip[clip.path] = {layer: values[row] for layer, values in outputs.items()}
+                    result.by_clip[clip.path] = {layer: outputs[layer][row] for layer in result.layers}
             bar.update(len(batch))
     return DatasetEmbeddings(dataset, results)
 
@@ -143,7 +165,7 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _section_bank(model: ModelEmbeddings, train: dict[str, list[Clip]]) -> MemoryBank:
-    layers = model.info.layers
+    layers = model.layers
     embeddings = {domain: model.stack(clips, layers) for domain, clips in train.items() if clips}
     names = {domain: [c.path.name for c in clips] for domain, clips in train.items() if clips}
     return MemoryBank(model.info, embeddings, names)
@@ -167,7 +189,7 @@ def score_embeddings(embeddings: DatasetEmbeddings, cfg: ScoringConfig) -> EvalR
             test_embeddings = []
             for model in embeddings.models:
                 scorers.append(Scorer.fit(_section_bank(model, train), cfg))
-                test_embeddings.append(model.stack(test, model.info.layers))
+                test_embeddings.append(model.stack(test, model.layers))
                 layers_used[model.path] = list(scorers[-1].layers)
             if len(scorers) == 1:
                 scores = scorers[0].score(test_embeddings[0])
@@ -195,7 +217,8 @@ def evaluate_dataset(model_paths: Sequence[Path], dataset_root: Path, cfg: Scori
                      machines: Sequence[str] | None = None) -> EvalResult:
     """Embed, score and measure a DCASE-layout dataset; optionally write a report directory."""
     dataset = scan_dataset(dataset_root, machines)
-    embeddings = embed_dataset(model_paths, dataset, batch_size=batch_size, progress=progress)
+    embeddings = embed_dataset(model_paths, dataset, batch_size=batch_size, progress=progress,
+                               layers=cfg.layers if cfg.layers is not None else "default")
     result = score_embeddings(embeddings, cfg)
     if report_dir is not None:
         from edge_agent.report import write_report

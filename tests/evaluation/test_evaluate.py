@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.bank import MemoryBank
 from edge_agent.dcase import scan_dataset
+from edge_agent.embedding import embed_windows
+from edge_agent.encoder import Encoder
 from edge_agent.errors import DatasetError, EdgeAsdError
 from edge_agent.evaluate import (
     add_evaluate_arguments,
@@ -21,8 +24,10 @@ from edge_agent.evaluate import (
     score_embeddings,
 )
 from edge_agent.report import write_report
-from edge_agent.scoring import ScoringConfig
-from edge_agent.synthetic import synthesize_dataset
+from edge_agent.resample import resample
+from edge_agent.scoring import Scorer, ScoringConfig
+from edge_agent.synthetic import synthesize_dataset, write_demo_recording
+from edge_agent.wavio import read_wav
 
 JSON_KEYS = {"official", "auc_source", "auc_target", "pauc", "machines"}
 
@@ -73,6 +78,9 @@ def test_each_clip_is_embedded_once_and_reused_across_configs(mn04_random_onnx: 
     (model,) = embeddings.models
     assert set(model.by_clip) == {clip.path for clip in dataset.all_clips()}
     assert all(set(layers) == set(model.info.layers) for layers in model.by_clip.values())
+    defaults_only = embed_dataset([mn04_random_onnx], dataset, progress=False, layers="default")
+    assert defaults_only.models[0].layers == model.info.default_layers
+    assert all(set(layers) == set(model.info.default_layers) for layers in defaults_only.models[0].by_clip.values())
     results = {name: score_embeddings(embeddings, ScoringConfig(normalizer=name))
                for name in ("none", "zscore-test", "ld-domain")}
     scores = [r.sections[0].scores for r in results.values()]
@@ -168,3 +176,23 @@ def test_several_sections_are_scored_separately(mn04_random_onnx: Path, syntheti
     assert set(entry["sections"]) == {"00", "01"}
     assert entry["auc_source"] == pytest.approx(entry["sections"]["00"]["auc_source"])
     assert entry["n_test"] == 48
+
+
+def test_demo_recording_anomaly_stands_out_for_pretrained_mn04(mn04_real_onnx: Path, synthetic_root: Path,
+                                                                tmp_path: Path) -> None:
+    # the daemon demo: a bank of the synthetic "fan" source clips, then the long recording window by window
+    encoder = Encoder(mn04_real_onnx)
+    fan = scan_dataset(synthetic_root, machines=["fan"]).machines["fan"]
+    refs = [encoder.prepare(*read_wav(clip.path)) for clip in fan.train_by_domain()["source"]]
+    bank = MemoryBank(encoder.info, {"source": embed_windows(encoder, refs)})
+    scorer = Scorer.fit(bank, ScoringConfig())
+    demo = write_demo_recording(tmp_path / "demo.wav", seconds=80.0, anomaly_span=(30.0, 50.0), seed=2)
+    audio, rate = read_wav(demo)
+    window = encoder.info.window_samples
+    model_rate_audio = resample(audio, rate, encoder.info.sample_rate)
+    starts = range(0, model_rate_audio.size - window + 1, window)  # 0, 10, ..., 70 s
+    scores = scorer.score(embed_windows(encoder, [model_rate_audio[s:s + window] for s in starts]))
+    normal = np.r_[scores[:2], scores[6:]]  # windows 0-20 s and 60-80 s
+    anomalous = scores[3:5]  # windows 30-40 s and 40-50 s lie inside the span
+    assert anomalous.min() > 1.5 * normal.max(), scores
+    assert normal.max() < scorer.loo_scores().max() * 1.5, scores
