@@ -245,8 +245,8 @@ class FileSource(AudioSource):
         for offset in range(0, len(audio), block):
             if self._stop.is_set():
                 return
-            if pace is not None:
-                due = pace + offset / rate / self.cfg.speed
+            if pace is not None:  # like a sound card: a block is delivered once its last sample is "captured"
+                due = pace + min(offset + block, len(audio)) / rate / self.cfg.speed
                 delay = due - time.time()
                 if delay > 0 and self._stop.wait(delay):
                     return
