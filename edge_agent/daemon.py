@@ -285,9 +285,15 @@ class Agent:
 
     def run(self) -> int:
         if self.cfg.metrics.enabled:
-            self.metrics_server = MetricsServer(self.metrics, self.cfg.metrics.host, self.cfg.metrics.port)
-            self.metrics_server.start()
-            log.info("event=metrics_listening host=%s port=%d", self.cfg.metrics.host, self.metrics_server.port)
+            try:
+                self.metrics_server = MetricsServer(self.metrics, self.cfg.metrics.host, self.cfg.metrics.port)
+            except OSError as exc:  # monitoring the machine matters more than exposing metrics
+                log.error("event=metrics_unavailable host=%s port=%d error=%r", self.cfg.metrics.host,
+                          self.cfg.metrics.port, str(exc))
+            else:
+                self.metrics_server.start()
+                log.info("event=metrics_listening host=%s port=%d", self.cfg.metrics.host,
+                         self.metrics_server.port)
         self.outputs.start()
         worker = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         worker.start()

@@ -3,8 +3,9 @@
 Layout of the spool directory:
   messages.log  one line per message: `<crc32 hex> <json>` (seq, topic, qos, retain, payload)
   acks.log      one seq per line: delivered (PUBACK seen) or dropped (spool was full)
-Both files are append-only and fsynced on every write, so a crash or power cut loses at most a
-torn last line, which the CRC detects and the loader drops. A message is pending until its seq is
+Both files are append-only. messages.log is fsynced on every append, so a crash or power cut loses
+at most a torn last line, which the CRC detects and the loader drops; acks.log is flushed but not
+fsynced (a lost ack costs a duplicate delivery, never a lost message). A message is pending until its seq is
 in acks.log. When enough acked lines pile up, messages.log is rewritten (temp file, fsync, rename)
 with the pending messages only and acks.log is truncated; a crash in between leaves stale seqs in
 acks.log, which refer to nothing and are harmless.
@@ -75,7 +76,10 @@ class Spool:
         if record is None:
             return
         self._bytes -= record.size
-        self._write(self._acks, f"{seq}\n")
+        # No fsync: a lost ack line only means one duplicate delivery after a crash (at-least-once),
+        # and skipping it keeps a long replay from costing one disk flush per message.
+        self._acks.write(f"{seq}\n")
+        self._acks.flush()
         self._acked_lines += 1
         if self._acked_lines >= COMPACT_AFTER:
             self._compact()

@@ -21,9 +21,9 @@ def _scores(watcher: Watcher) -> list[dict]:
 
 
 def _running_agent(tmp_path: Path, toy_model: Path, bank_dir: Path, broker: Mosquitto, wav: Path,
-                   watcher: Watcher) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+                   watcher: Watcher, extra_source: str = "") -> tuple[Path, Path, subprocess.Popen[bytes]]:
     cfg = write_config(tmp_path, toy_model, bank_dir, broker.port, wav, realtime=True, loop=True, speed=10,
-                       extra_source="    publish_scores: true")
+                       extra_source="    publish_scores: true\n" + extra_source)
     log = tmp_path / "agent.log"
     proc = start_agent(cfg, log)
     watcher.wait_for(lambda m: len(_scores(watcher)) >= 3, what="scores from the running agent")
@@ -74,7 +74,8 @@ def test_enroll_over_mqtt_rebuilds_target_bank_and_lowers_target_scores(
         validators: dict) -> None:
     wav = tmp_path / "target_domain.wav"
     write_wav(wav, noise(10, 0.15, seed=11), 8000)  # louder than the bank's source domain
-    _, log, proc = _running_agent(tmp_path, toy_model, bank_dir, broker, wav, watcher)
+    _, log, proc = _running_agent(tmp_path, toy_model, bank_dir, broker, wav, watcher,
+                                  extra_source="    enroll: {memmixup: true, memmixup_k: 2}")
     try:
         assert MemoryBank.load(bank_dir).count_raw("target") == 0
         before = [s["score"] for s in _scores(watcher)]
@@ -86,6 +87,7 @@ def test_enroll_over_mqtt_rebuilds_target_bank_and_lowers_target_scores(
         assert result["request_id"] == "enroll-1" and result["result"]["target_windows"] == 6
         bank = MemoryBank.load(bank_dir)
         assert bank.count_raw("target") == 6 and bank.threshold is not None
+        assert bank.mixup is not None and bank.count("target") == 6 * 3  # raw refs + 2 mixes each
         assert result["result"]["bank"] == bank.content_hash()[:12]
         n = len(_scores(watcher))
         watcher.wait_for(lambda m: len(_scores(watcher)) >= n + 5, what="scores after enroll")
@@ -121,6 +123,16 @@ def test_unknown_command_and_reload_answer_on_cmd_result(tmp_path: Path, toy_mod
         assert unknown["ok"] is False and "explode" in unknown["error"]
         assert reload["ok"] is True and reload["request_id"] == "r1"
         watcher.wait_for(lambda m: _scores(watcher)[-1]["threshold"] == 500.0, what="reloaded threshold")
+        doc["sources"][0]["window_seconds"] = "long"
+        cfg.write_text(yaml.safe_dump(doc))
+        watcher.publish(f"{BASE}/cmd/reload", json.dumps({"id": "r2"}))
+        watcher.wait_for(lambda m: len(watcher.on(f"{BASE}/cmd/result")) >= 3, what="refused reload")
+        refused = watcher.on(f"{BASE}/cmd/result")[2]
+        validators["cmd_result"].validate(refused)
+        assert refused["ok"] is False and "sources[0].window_seconds" in refused["error"]
+        n = len(_scores(watcher))
+        watcher.wait_for(lambda m: len(_scores(watcher)) >= n + 3, what="scores after the refused reload")
+        assert _scores(watcher)[-1]["threshold"] == 500.0
     finally:
         assert stop_agent(proc, log) == 0, log.read_text()
 
