@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from export.onnx_export import ExportResult, export_model
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MN04_CHECKPOINT = SHARED / "models" / "efficientat" / "mn04_as_mAP_432.pt"
@@ -34,18 +36,39 @@ def dcase_sample() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mn04_random_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init mn04 exported to ONNX (default layers), once per session."""
-    from export.onnx_export import export_model
-
-    out = tmp_path_factory.mktemp("mn04_random")
-    return export_model("mn04", out, random_init=True, seed=0).path
+def mn04_random_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """A random-init mn04 (every layer) exported to ONNX once per session."""
+    return export_model("mn04", tmp_path_factory.mktemp("mn04_random"), random_init=True, seed=0)
 
 
 @pytest.fixture(scope="session")
-def mn04_real_onnx(tmp_path_factory: pytest.TempPathFactory, mn04_checkpoint: Path) -> Path:
-    """The real AudioSet mn04 weights from ../shared exported to ONNX, once per session."""
-    from export.onnx_export import export_model
+def mn04_real_export(tmp_path_factory: pytest.TempPathFactory, mn04_checkpoint: Path) -> ExportResult:
+    """The real AudioSet mn04 weights from ../shared exported to ONNX once per session."""
+    return export_model("mn04", tmp_path_factory.mktemp("mn04_real"), checkpoint=mn04_checkpoint)
 
-    out = tmp_path_factory.mktemp("mn04_real")
-    return export_model("mn04", out, checkpoint=mn04_checkpoint).path
+
+@pytest.fixture(scope="session")
+def mn04_random_onnx(mn04_random_export: ExportResult) -> Path:
+    return mn04_random_export.path
+
+
+@pytest.fixture(scope="session")
+def mn04_real_onnx(mn04_real_export: ExportResult) -> Path:
+    return mn04_real_export.path
+
+
+@pytest.fixture(scope="session")
+def beats_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """Full-size BEATs (random weights in the official layout, all 12 layers) exported once per session."""
+    return export_model("beats", tmp_path_factory.mktemp("beats_onnx"), random_init=True, seed=2)
+
+
+@pytest.fixture(scope="session")
+def ced_tiny_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """ced-tiny from a random checkpoint in the Hugging Face safetensors layout, end to end."""
+    from export import ced
+
+    out = tmp_path_factory.mktemp("ced_onnx")
+    checkpoint = out / "model.safetensors"
+    ced.write_random_checkpoint(checkpoint, "ced-tiny", seed=2)
+    return export_model("ced-tiny", out, checkpoint=checkpoint, layers=("layer_7", "layer_10", "layer_12"))

@@ -12,23 +12,9 @@ import torch
 
 from edge_agent.model_info import INPUT_NAME
 from export import beats, ced
-from export.onnx_export import ExportResult, export_model, read_model_info
+from export.onnx_export import ExportResult, read_model_info
 
 MAX_REL_ERROR = 1e-4
-
-
-@pytest.fixture(scope="session")
-def beats_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    """Full-size BEATs (random weights, official layout, all 12 layers) exported once per session."""
-    return export_model("beats", tmp_path_factory.mktemp("beats_onnx"), random_init=True, seed=2)
-
-
-@pytest.fixture(scope="session")
-def ced_tiny_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    out = tmp_path_factory.mktemp("ced_onnx")
-    checkpoint = out / "model.safetensors"  # the Hugging Face layout, end to end
-    ced.write_random_checkpoint(checkpoint, "ced-tiny", seed=2)
-    return export_model("ced-tiny", out, checkpoint=checkpoint, layers=("layer_7", "layer_10", "layer_12"))
 
 
 def _audio(samples: int) -> np.ndarray:

@@ -68,7 +68,7 @@ def test_graph_io_and_metadata_round_trip(mn04_real_export: ExportResult) -> Non
 def test_random_init_export_verifies_and_hashes_written_checkpoint(mn04_random_export: ExportResult) -> None:
     result = mn04_random_export
     assert result.max_rel_error is not None and result.max_rel_error < 1e-4
-    written = result.path.parent / "mn04.random-seed3.pt"
+    written = result.path.parent / "mn04.random-seed0.pt"
     assert result.info.checkpoint_sha256 == sha256_file(written) != MN04_SHA256
     out = _session(result.path).run(["embedding"], {"waveform": _audio(1)})[0]
     assert out.shape == (1, 384) and np.isfinite(out).all()
