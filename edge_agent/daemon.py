@@ -409,6 +409,9 @@ class Agent:
         self.metrics.observe("edge_agent_stage_seconds", t_embedded - t_resampled, stage="embed")
         with self._lock:
             runtime = self.runtime  # a swap may have happened while embedding: score with the newest
+            if runtime.encoder is not encoder:
+                log.info("event=windows_skipped reason=model_changed windows=%d", len(live))
+                return
             for name in dict.fromkeys(w.source for w in live):
                 pipeline = runtime.pipelines.get(name)
                 if pipeline is None:
@@ -689,6 +692,11 @@ class Agent:
         now = time.monotonic()
         if not force and signature == self._state_sig and now - self._state_sent < STATE_REFRESH_SECONDS:
             return
+        if signature != self._state_sig:
+            lost = [f"{s['name']} {s['health']['state']}" for s in state["sources"]
+                    if s["health"]["state"] in ("lost", "failed")]
+            self.notifier.status(f"{state['health']}: {len(state['sources'])} source(s)"
+                                 + (f"; {', '.join(lost)}" if lost else ""))
         self._state_sig = signature
         self._state_sent = now
         self.outputs.set_state(state)

@@ -32,6 +32,7 @@ class SystemdNotifier:
         message = "\n".join(lines).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.settimeout(1.0)  # a reader that stopped reading must not hang the agent
                 sock.connect(self.address)
                 sock.sendall(message)
             return True

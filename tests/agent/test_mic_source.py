@@ -199,17 +199,32 @@ sources:
 output: {{stdout: false}}
 metrics: {{port: 0}}
 """, source="test")
-    ready_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     name = f"edge-agent-test-{time.monotonic_ns()}"
-    ready_sock.bind("\0" + name)
-    ready_sock.settimeout(10)
+    notify_sock.bind("\0" + name)
+    notify_sock.settimeout(0.2)
+    received: list[bytes] = []
+    listening = threading.Event()
+    listening.set()
+
+    def listen() -> None:  # like systemd: keep reading the notify socket
+        while listening.is_set():
+            try:
+                received.append(notify_sock.recv(256))
+            except TimeoutError:
+                continue
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
     agent = Agent(cfg, None, notifier=SystemdNotifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "600000"}))
     exit_code: list[int] = []
     thread = threading.Thread(target=lambda: exit_code.append(agent.run()), daemon=True)
     thread.start()
     try:
-        assert ready_sock.recv(256).startswith(b"READY=1")
-        assert ready_sock.recv(256) == b"WATCHDOG=1"
+        _wait(lambda: b"WATCHDOG=1" in received, what="a watchdog ping")
+        ready = [m for m in received if m.startswith(b"READY=1")]
+        assert ready and received.index(ready[0]) < received.index(b"WATCHDOG=1")
+        assert any(m.startswith(b"STATUS=ok: 1 source(s)") for m in received)
         pipeline = agent.runtime.pipelines["mic"]
         _wait(lambda: agent.metrics.counter("edge_agent_windows_total", source="mic") >= 4, what="scored windows")
         assert pipeline.tracker.episode is None, "quiet normal audio must not raise an alert"
@@ -220,6 +235,8 @@ metrics: {{port: 0}}
         device.stalled = True
         _wait(lambda: agent.state()["health"] == "degraded", what="degraded health")
         assert agent.state()["sources"][0]["health"]["state"] == "lost"
+        _wait(lambda: any(m.startswith(b"STATUS=degraded: 1 source(s); mic lost") for m in received),
+              what="the loss reported to systemd")
         device.stalled = False
         _wait(lambda: agent.state()["health"] == "ok", what="recovered health")
         import urllib.request
@@ -234,14 +251,9 @@ metrics: {{port: 0}}
         agent.request_stop("test")
         thread.join(30)
     assert exit_code == [0]
-    received = []
-    ready_sock.settimeout(0.2)
-    try:
-        while True:
-            received.append(ready_sock.recv(256))
-    except TimeoutError:
-        pass
-    ready_sock.close()
+    listening.clear()
+    listener.join(5)
+    notify_sock.close()
     assert b"STOPPING=1" in received
     events = [json.loads(line) for line in (tmp_path / "state" / "alerts.jsonl").read_text().splitlines()]
     assert events[0]["type"] == "new" and events[-1]["type"] == "end"
