@@ -1,0 +1,127 @@
+"""Shared helpers of the bench/ scripts: machine description, timing statistics, tables, model files.
+
+The bench scripts are run by hand (never in CI); each prints markdown tables and can write its raw
+numbers as JSON. Timings are medians of repeated runs because the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO / "models" / "bench"  # /models/ is git-ignored
+RESULTS_DIR = REPO / "bench" / "results"
+MN04_CHECKPOINT = Path("/work/shared/models/efficientat/mn04_as_mAP_432.pt")
+ENCODERS = ("mn04", "beats", "ced-tiny", "ced-mini", "ced-small", "ced-base")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory, load and library versions of this run."""
+    cpu = platform.processor() or ""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        found = re.search(r"Model name:\s*(.+)", text)
+        cpu = found.group(1).strip() if found else cpu
+        flags = re.search(r"Flags:\s*(.+)", text)
+        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni")
+               if flags and f in flags.group(1).split()]
+    except OSError:
+        isa = []
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for package in ("onnxruntime", "torch", "hnswlib", "onnx"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1),
+            "load_1m": round(os.getloadavg()[0], 2), "kernel": platform.release(), "versions": versions,
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    v = info["versions"]
+    libs = ", ".join(f"{k} {val}" for k, val in v.items())
+    return (f"{info['cpu']} ({', '.join(info['isa'])}), {info['cores']} cores, {info['mem_gib']} GiB; "
+            f"{libs}; load(1m) at start {info['load_1m']}; {info['date_utc']}")
+
+
+def timings(fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> np.ndarray:
+    """Wall-clock seconds of `repeats` calls (more while min_seconds is not reached), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    begin = time.perf_counter()
+    while len(out) < repeats or time.perf_counter() - begin < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return np.asarray(out)
+
+
+def stats_ms(seconds: np.ndarray) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "n": int(ms.size)}
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            if value == 0 or 1e-3 <= abs(value) < 1e5:
+                return f"{value:.4g}" if abs(value) < 10 else f"{value:.1f}"
+            return f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(name: str, data: dict[str, Any], results_dir: Path | None) -> None:
+    if results_dir is None:
+        return
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    print(f"\n(raw numbers: {path})", file=sys.stderr)
+
+
+def model_path(name: str, precision: str = "fp32", models_dir: Path = MODELS_DIR) -> Path:
+    """Export NAME in `precision` into models_dir/<precision>/ unless it is there already.
+
+    mn04 uses the real checkpoint; the others random weights (speed does not depend on them).
+    All blocks are exported (edge-export's default), so latency covers the whole encoder.
+    """
+    out_dir = models_dir / precision
+    path = out_dir / f"{name}.onnx"
+    if path.is_file():
+        return path
+    from export.onnx_export import export_model  # torch only when an export is needed
+
+    real = name == "mn04" and MN04_CHECKPOINT.is_file()
+    result = export_model(name, out_dir, checkpoint=MN04_CHECKPOINT if real else None, random_init=not real,
+                          fp16=precision == "fp16", quantize="int8" if precision == "int8" else None)
+    for stale in out_dir.glob(f"{name}.random-seed*.pt"):
+        stale.unlink()
+    print(f"exported {path} ({precision}, {result.seconds:.0f} s, rel err "
+          f"{result.max_rel_error if result.precision_rel_error is None else result.precision_rel_error})",
+          file=sys.stderr)
+    return result.path
+
+
+def add_common_arguments(parser: Any) -> None:
+    parser.add_argument("--json-dir", type=Path, default=None,
+                        help=f"write raw numbers as JSON here (e.g. {RESULTS_DIR.relative_to(REPO)})")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median reported)")
