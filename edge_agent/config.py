@@ -226,7 +226,7 @@ DEFAULT_CONFIG_NAME = "demo.yaml"
 
 
 def default_config_text() -> str:
-    return resources.files("edge_agent.defaults").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+    return resources.files("edge_agent").joinpath("defaults", DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
 
 
 def load_default_config() -> AgentConfig:

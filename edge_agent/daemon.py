@@ -179,6 +179,7 @@ class SourcePipeline:
     tracker: EpisodeTracker
     context: AlertContext
     enroll: EnrollJob | None = None
+    bank_stamp: tuple[int, int, int] | None = None
     last_score: float | None = None
     last_window: float | None = None
 
@@ -211,7 +212,8 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
         except TypeError as exc:
             raise ConfigError(f"{at}.scoring", str(exc), source=cfg.source_file) from None
         old = previous.pipelines.get(src.name) if previous is not None else None
-        if old is not None and old.cfg.bank == src.bank and old.scoring == scoring \
+        stamp = bank_stamp(src.bank)
+        if old is not None and old.cfg.bank == src.bank and old.bank_stamp == stamp and old.scoring == scoring \
                 and old.context.model == encoder.model_id:
             bank, scorer, bank_id = old.bank, old.scorer, old.bank_id
         else:
@@ -235,8 +237,17 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
             fresh.append(source)
         tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
         pipelines[src.name] = SourcePipeline(src, i, source, bank, bank_id, scoring, scorer, threshold, origin,
-                                             tracker, context)
+                                             tracker, context, bank_stamp=stamp)
     return Runtime(cfg, encoder, pipelines, fresh)
+
+
+def bank_stamp(directory: Path | None) -> tuple[int, int, int] | None:
+    """Identity of the bank on disk: a save swaps in a new directory, so bank.json changes inode."""
+    try:
+        st = os.stat(Path(directory) / "bank.json") if directory is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _scoring_dict(data: dict[str, Any]) -> dict[str, Any]:
@@ -501,7 +512,7 @@ class Agent:
             context = dataclasses.replace(current.context, bank=bank_id, threshold=value)
             current.tracker.reconfigure(context, current.cfg.hysteresis)
             new = dataclasses.replace(current, bank=loaded, scorer=scorer, bank_id=bank_id, threshold=value,
-                                      context=context)
+                                      context=context, bank_stamp=bank_stamp(pipeline.cfg.bank))
             self.runtime = dataclasses.replace(self.runtime, pipelines={**self.runtime.pipelines, name: new})
         log.info("event=enrolled source=%s target_refs=%d bank=%s threshold=%.4f", name, job.windows, bank_id,
                  value)

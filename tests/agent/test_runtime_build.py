@@ -1,0 +1,61 @@
+"""Building a runtime from a config: errors name the key path; unchanged parts are reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import parse_config
+from edge_agent.daemon import build_runtime
+from edge_agent.errors import ConfigError
+
+from .agent_helpers import build_bank
+
+
+def _cfg(tmp_path: Path, model: Path, bank: Path, source_extra: str = ""):  # type: ignore[no-untyped-def]
+    (tmp_path / "a.wav").write_bytes(b"")
+    return parse_config(f"""
+node: n
+model: {{path: {model}}}
+sources:
+  - {{name: fan, type: file, path: a.wav, bank: {bank}{source_extra}}}
+""", source="agent.yaml", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("extra", "path"), [
+    (", scoring: {normalizer: magic}", "sources[0].scoring.normalizer"),
+    (", scoring: {k_n: 0}", "sources[0].scoring.k_n"),
+    (", scoring: {layers: [layer_9]}", "sources[0].scoring.layers"),
+    (", scoring: {colour: red}", "sources[0].scoring.colour"),
+])
+def test_scoring_errors_name_the_source_key_path(tmp_path: Path, toy_model: Path, bank_dir: Path, extra: str,
+                                                 path: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_runtime(_cfg(tmp_path, toy_model, bank_dir, extra), None)
+    assert info.value.path == path and str(info.value).startswith(f"agent.yaml: {path}")
+
+
+def test_missing_bank_model_or_threshold_are_config_errors(tmp_path: Path, toy_model: Path, bank_dir: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_runtime(_cfg(tmp_path, toy_model, tmp_path / "nope"), None)
+    assert info.value.path == "sources[0].bank" and "nope" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        build_runtime(_cfg(tmp_path, tmp_path / "missing.onnx", bank_dir), None)
+    assert info.value.path == "model.path" and "missing.onnx" in str(info.value)
+
+
+def test_unchanged_parts_are_reused_and_a_rebuilt_bank_is_reloaded(tmp_path: Path, toy_model: Path,
+                                                                  bank_dir: Path) -> None:
+    first = build_runtime(_cfg(tmp_path, toy_model, bank_dir), None)
+    again = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", threshold: 5.0"), first)
+    assert again.encoder is first.encoder
+    assert again.pipelines["fan"].bank is first.pipelines["fan"].bank
+    assert again.pipelines["fan"].source is first.pipelines["fan"].source and again.fresh_sources == []
+    assert again.pipelines["fan"].threshold == 5.0 and again.pipelines["fan"].threshold_origin == "config"
+    build_bank(toy_model, bank_dir, source_windows=12, seed=4)  # rebuilt on disk, same path
+    third = build_runtime(_cfg(tmp_path, toy_model, bank_dir), again)
+    assert third.pipelines["fan"].bank is not again.pipelines["fan"].bank
+    assert third.pipelines["fan"].bank.count_raw("source") == 12
+    moved = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", hop_seconds: 5"), third)
+    assert moved.pipelines["fan"].source is not third.pipelines["fan"].source and len(moved.fresh_sources) == 1
