@@ -735,14 +735,14 @@ class Agent:
             name = p.cfg.name
             health = p.source.health
             m.set("edge_agent_threshold", p.threshold, source=name)
-            m.set("edge_agent_capture_overflows_total", health.overflows, source=name)
-            m.set("edge_agent_dropped_windows_total", health.dropped_windows, source=name)
+            m.set_counter("edge_agent_capture_overflows_total", health.overflows, source=name)
+            m.set_counter("edge_agent_dropped_windows_total", health.dropped_windows, source=name)
             m.set("edge_agent_source_up", 1.0 if health.state == "running" else 0.0, source=name)
             m.set("edge_agent_episode_active", 1.0 if p.tracker.episode is not None else 0.0, source=name)
         if isinstance(self.outputs, MqttOutputs):
             m.set("edge_agent_spool_messages", len(self.outputs.spool))
             m.set("edge_agent_spool_bytes", self.outputs.spool.bytes)
-            m.set("edge_agent_spool_dropped_total", self.outputs.spool.dropped)
+            m.set_counter("edge_agent_spool_dropped_total", self.outputs.spool.dropped)
             m.set("edge_agent_broker_connected", 1.0 if self.outputs.publisher.connected else 0.0)
 
 

@@ -50,6 +50,11 @@ class Metrics:
         with self._lock:
             self._gauges[(name, tuple(sorted(labels.items())))] = float(value)
 
+    def set_counter(self, name: str, value: float, **labels: str) -> None:
+        """A counter whose running total is kept elsewhere (e.g. by a capture thread)."""
+        with self._lock:
+            self._counters[(name, tuple(sorted(labels.items())))] = float(value)
+
     def observe(self, name: str, value: float, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
