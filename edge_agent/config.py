@@ -118,6 +118,8 @@ class MqttConfig:
     reconnect_min_seconds: int = field(default=1, metadata=_limits(lo=1, hi=3600))
     reconnect_max_seconds: int = field(default=60, metadata=_limits(lo=1, hi=86400))
     spool_scores: bool = False  # also spool per-window scores while offline
+    homeassistant: bool = False  # publish Home Assistant MQTT discovery configs (retained)
+    discovery_prefix: str = field(default="homeassistant", metadata=_limits(pattern=PREFIX_PATTERN))
 
 
 @dataclass(frozen=True)

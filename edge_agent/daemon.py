@@ -48,7 +48,7 @@ from edge_agent.config import (
 from edge_agent.encoder import Encoder
 from edge_agent.errors import ConfigError, EdgeAsdError
 from edge_agent.metrics import Metrics, MetricsServer
-from edge_agent.mqtt import MqttPublisher
+from edge_agent.mqtt import MqttPublisher, homeassistant_discovery
 from edge_agent.resample import resample
 from edge_agent.scoring import Scorer, ScoringConfig
 from edge_agent.sdnotify import SystemdNotifier
@@ -78,6 +78,7 @@ class Outputs(Protocol):
     def publish_config_result(self, payload: dict[str, Any]) -> None: ...
     def publish_command_result(self, payload: dict[str, Any]) -> None: ...
     def set_state(self, state: dict[str, Any]) -> None: ...
+    def set_sources(self, runtime: Runtime) -> None: ...
     def stop(self, status: str) -> None: ...
 
 
@@ -104,6 +105,13 @@ class MqttOutputs:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.publisher.set_state(state)
+
+    def set_sources(self, runtime: Runtime) -> None:
+        mcfg = self.publisher.mcfg
+        if mcfg.homeassistant:
+            sources = [(p.cfg.name, p.cfg.publish_scores) for p in runtime.pipelines.values()]
+            self.publisher.set_discovery(homeassistant_discovery(self.topics, mcfg.discovery_prefix, sources,
+                                                                 runtime.encoder.model_id))
 
     def stop(self, status: str) -> None:
         self.publisher.stop(status)
@@ -145,6 +153,9 @@ class JsonlOutputs:
         log.info("event=command_result %s", json.dumps(payload))
 
     def set_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def set_sources(self, runtime: Runtime) -> None:
         pass
 
     def stop(self, status: str) -> None:
@@ -306,6 +317,7 @@ class Agent:
                 log.info("event=metrics_listening host=%s port=%d", self.cfg.metrics.host,
                          self.metrics_server.port)
         self.outputs.start()
+        self.outputs.set_sources(self.runtime)
         worker = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         worker.start()
         self._start_sources(self.runtime)
@@ -612,6 +624,7 @@ class Agent:
             if id(pipeline.source) not in kept:
                 pipeline.source.stop()
         self._start_sources(new)
+        self.outputs.set_sources(new)
         self._publish_state(force=True)
         return restart
 

@@ -115,6 +115,7 @@ class MqttPublisher:
         self._handed_seqs: set[int] = set()
         self._fresh: set[int] = set()  # seqs appended while connected: not replays
         self._state_payload: str | None = None
+        self._discovery: dict[str, str] = {}
         self._thread = threading.Thread(target=self._work, name="mqtt-publisher", daemon=True)
         self._stopping = False
         self.dropped_scores = 0
@@ -146,6 +147,10 @@ class MqttPublisher:
     def set_state(self, state: dict[str, Any]) -> None:
         """Retained state; kept and re-published on every connect."""
         self._events.put(("state", _dumps(state)))
+
+    def set_discovery(self, messages: dict[str, str]) -> None:
+        """Retained Home Assistant discovery configs (topic -> payload); dropped topics are cleared."""
+        self._events.put(("discovery", dict(messages)))
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until the spool is empty and nothing is queued (tests, shutdown)."""
@@ -214,6 +219,13 @@ class MqttPublisher:
                     self._state_payload = event[1]
                     if self.connected:
                         self.client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+                elif kind == "discovery":
+                    gone = set(self._discovery) - set(event[1])
+                    self._discovery = event[1]
+                    if self.connected:
+                        for topic in gone:
+                            self.client.publish(topic, "", qos=1, retain=True)  # empty retained = removed
+                        self._publish_discovery()
                 elif kind == "connected":
                     self._handle_connected()
                 elif kind == "disconnected":
@@ -240,7 +252,12 @@ class MqttPublisher:
         self.client.publish(self.topics.status, "online", qos=1, retain=True)
         if self._state_payload is not None:
             self.client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+        self._publish_discovery()
         self._flush()
+
+    def _publish_discovery(self) -> None:
+        for topic, payload in self._discovery.items():
+            self.client.publish(topic, payload, qos=1, retain=True)
 
     def _handle_disconnected(self, reason: str) -> None:
         if self._connected.is_set():
@@ -331,6 +348,31 @@ class MqttPublisher:
         client.on_publish = self._on_publish
         client.on_message = self._on_paho_message
         return client
+
+
+def homeassistant_discovery(topics: Topics, discovery_prefix: str, sources: list[tuple[str, bool]],
+                            model_id: str) -> dict[str, str]:
+    """Discovery configs: per source a `problem` binary sensor on the alert topic, and a score sensor
+    when the source publishes scores. Available only while the node's status is `online`."""
+    node = topics.node
+    device = {"identifiers": [f"edge-asd-{node}"], "name": f"edge-asd {node}", "manufacturer": "edge-asd",
+              "model": model_id}
+    availability = [{"topic": topics.status,
+                     "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}]
+    out: dict[str, str] = {}
+    for source, scores in sources:
+        object_id = f"{node}_{source}".replace(".", "_")
+        out[f"{discovery_prefix}/binary_sensor/{object_id}/anomaly/config"] = _dumps({
+            "name": f"{source} anomaly", "unique_id": f"edge-asd-{node}-{source}-anomaly",
+            "state_topic": topics.alert(source), "device_class": "problem",
+            "value_template": "{{ 'OFF' if value_json.type == 'end' else 'ON' }}",
+            "json_attributes_topic": topics.alert(source), "availability": availability, "device": device})
+        if scores:
+            out[f"{discovery_prefix}/sensor/{object_id}/score/config"] = _dumps({
+                "name": f"{source} anomaly score", "unique_id": f"edge-asd-{node}-{source}-score",
+                "state_topic": topics.score(source), "value_template": "{{ value_json.score }}",
+                "state_class": "measurement", "availability": availability, "device": device})
+    return out
 
 
 def _dumps(payload: dict[str, Any]) -> str:

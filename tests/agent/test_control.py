@@ -154,3 +154,33 @@ def test_sigterm_publishes_retained_stopped_and_exits_cleanly(tmp_path: Path, to
     finally:
         late.close()
     assert "event=stopped status=stopped" in log.read_text()
+
+
+def test_home_assistant_discovery_follows_the_sources(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                      broker: Mosquitto, watcher: Watcher) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (4, 6))
+    cfg = write_config(tmp_path, toy_model, bank_dir, broker.port, wav, realtime=True, loop=True, speed=10,
+                       extra_source="    publish_scores: true", mqtt_extra="  homeassistant: true")
+    log = tmp_path / "agent.log"
+    proc = start_agent(cfg, log)
+    fan = "homeassistant/binary_sensor/node-a_fan/anomaly/config"
+    pump = "homeassistant/binary_sensor/node-a_pump/anomaly/config"
+    try:
+        fan_score = "homeassistant/sensor/node-a_fan/score/config"
+        watcher.wait_for(lambda m: watcher.on(fan) and watcher.on(fan_score), what="discovery for fan")
+        config = watcher.on(fan)[-1]
+        assert config["state_topic"] == f"{BASE}/fan/alert" and config["device_class"] == "problem"
+        assert config["availability"][0]["topic"] == f"{BASE}/status"
+        score = watcher.on(fan_score)[-1]
+        assert score["state_topic"] == f"{BASE}/fan/score"
+        doc = yaml.safe_load(cfg.read_text())
+        doc["sources"].append({**doc["sources"][0], "name": "pump", "publish_scores": False})
+        watcher.publish(f"{BASE}/config/set", yaml.safe_dump(doc))
+        watcher.wait_for(lambda m: watcher.on(pump), what="discovery for the added source")
+        doc["sources"].pop()
+        watcher.publish(f"{BASE}/config/set", yaml.safe_dump(doc))
+        watcher.wait_for(lambda m: watcher.on(pump)[-1] == "", what="discovery cleared for the removed source")
+        watcher.wait_for(lambda m: len(watcher.on(f"{BASE}/config/result")) == 2, what="two config results")
+        assert [r["ok"] for r in watcher.on(f"{BASE}/config/result")] == [True, True]
+    finally:
+        assert stop_agent(proc, log) == 0, log.read_text()
