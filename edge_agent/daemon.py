@@ -35,7 +35,6 @@ import yaml
 from edge_agent import __version__
 from edge_agent.alerts import AlertContext, EpisodeTracker, command_result, config_result, iso_time, score_payload
 from edge_agent.bank import MemoryBank, MixupSpec
-from edge_agent.calibration import calibrate
 from edge_agent.config import (
     AgentConfig,
     LoggingConfig,
@@ -46,6 +45,7 @@ from edge_agent.config import (
     write_config_atomic,
 )
 from edge_agent.encoder import Encoder
+from edge_agent.enrollment import enroll_bank
 from edge_agent.errors import ConfigError, EdgeAsdError
 from edge_agent.metrics import Metrics, MetricsServer
 from edge_agent.mqtt import MqttPublisher, homeassistant_discovery
@@ -508,13 +508,10 @@ class Agent:
         ecfg = pipeline.cfg.enroll
         mixup = MixupSpec(ecfg.memmixup_lambda, ecfg.memmixup_k) if ecfg.memmixup else None
         source_emb = {layer: old.get_raw(layer, "source") for layer in old.layers}
-        bank = MemoryBank(old.info, {"source": source_emb, "target": target}, names, mixup=mixup)
-        scorer = Scorer.fit(bank, pipeline.scoring)
-        threshold = calibrate(scorer.loo_scores(), ecfg.threshold_method, ecfg.threshold_quantile)
-        model_sha = self.runtime.encoder.model_sha256
-        scorer.save(pipeline.cfg.bank, threshold=threshold, model_sha256=model_sha)
-        loaded = MemoryBank.load(pipeline.cfg.bank, expect=self.runtime.encoder.info, model_sha256=model_sha)
-        scorer = Scorer.fit(loaded, pipeline.scoring)
+        enrolled = enroll_bank(pipeline.cfg.bank, old.info, {"source": source_emb, "target": target}, names,
+                               pipeline.scoring, self.runtime.encoder.model_sha256, mixup=mixup,
+                               threshold_method=ecfg.threshold_method, threshold_quantile=ecfg.threshold_quantile)
+        loaded, scorer, threshold = enrolled.bank, enrolled.scorer, enrolled.threshold
         bank_id = loaded.content_hash()[:12]
         with self._lock:
             current = self.runtime.pipelines.get(name)
