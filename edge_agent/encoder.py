@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.errors import EdgeAsdError, ModelMetadataError
+from edge_agent.hashing import sha256_file
 from edge_agent.model_info import INPUT_NAME, ModelInfo
 from edge_agent.resample import resample
 from edge_agent.windowing import fit_to_window
@@ -52,14 +52,6 @@ def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list
     return chosen
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Encoder:
     """A frozen encoder exported by edge-export: fixed-length waveform in, pooled embeddings out."""
 
@@ -93,7 +85,7 @@ class Encoder:
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_metadata(props, source=str(self.path))
         self._check_graph()
-        self.model_sha256 = file_sha256(self.path)
+        self.model_sha256 = sha256_file(self.path)
         self.model_id = f"{self.info.variant}-{self.model_sha256[:12]}"
 
     def _check_graph(self) -> None:

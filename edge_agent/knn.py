@@ -11,7 +11,6 @@ first with `cap_k`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import hnswlib
 import numpy as np
 
 from edge_agent.errors import BankError, ConfigError
+from edge_agent.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class HnswIndex(KnnIndex):
     def save(self, path: Path) -> str:
         """Write the graph to `path`; returns the file's sha256."""
         self.graph.save_index(str(path))
-        return _sha256_file(path)
+        return sha256_file(path)
 
     @classmethod
     def load(cls, path: Path, refs: np.ndarray, metric: str, params: HnswParams,
@@ -250,14 +250,6 @@ class HnswIndex(KnnIndex):
             raise BankError(f"{name}: HNSW index holds {graph.get_current_count()} items, the bank has "
                             f"{len(refs)}")
         return cls(refs, metric, params, graph=graph)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_index(refs: np.ndarray, metric: str = "euclidean", exact_below: int = DEFAULT_EXACT_BELOW,

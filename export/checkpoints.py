@@ -9,7 +9,6 @@ A family module may declare `OFFICIAL_WEIGHTS: dict[variant, OfficialWeights]`. 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.request
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from edge_agent.hashing import sha256_file
 from export.base import CheckpointError
 
 WEIGHTS_DIR_ENV = "EDGE_ASD_WEIGHTS_DIR"
@@ -30,14 +30,6 @@ class OfficialWeights:
     file_name: str
     url: str
     sha256: str | None  # None: never downloaded (no verified hash to check it against)
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_dir(option: Path | str | None = None) -> Path | None:
