@@ -488,3 +488,32 @@ def _swap_into_place(new: Path, dest: Path) -> None:
             raise
         shutil.rmtree(old)
     _fsync_path(dest.parent)
+
+
+# --- public helpers for other on-disk formats that follow the same atomic-write rules -------------
+
+
+def write_file_synced(path: Path, data: bytes) -> None:
+    """Write `data` to `path` (parents created) and fsync the file."""
+    _write_synced(path, data)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
+    _fsync_path(path)
+
+
+def swap_directory_into_place(new: Path, dest: Path) -> None:
+    """Replace directory `dest` by the fully written and fsynced directory `new` (same parent) in one
+    step where the kernel offers RENAME_EXCHANGE; see MemoryBank.save. `new` is gone afterwards."""
+    _swap_into_place(new, dest)
+
+
+def directory_replaced(path: Path, fd: int) -> bool:
+    """True if `path` no longer names the directory open as `fd` (a save swapped it meanwhile)."""
+    return _replaced(path, fd)
+
+
+def swap_in_progress(path: Path) -> bool:
+    """True while a save without atomic exchange has moved the old `path` aside (see _swap_into_place)."""
+    return _swap_in_progress(path)

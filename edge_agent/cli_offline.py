@@ -13,12 +13,14 @@ from edge_agent.calibration import calibrate
 from edge_agent.dcase import parse_clip_name
 from edge_agent.embedding import Window, audio_files, embed_windows, file_windows
 from edge_agent.encoder import Encoder
-from edge_agent.enrollment import enroll_bank
+from edge_agent.enrollment import enroll_bank, enroll_ensemble
+from edge_agent.ensemble_bank import EnsembleBank, describe_ensemble, is_ensemble_bank, load_bank_for
 from edge_agent.errors import EdgeAsdError
 from edge_agent.evaluate import add_evaluate_arguments, run_evaluate
+from edge_agent.model_set import ModelSet
 from edge_agent.normalizers import NORMALIZERS
 from edge_agent.progress import Progress
-from edge_agent.scoring import Scorer, ScoringConfig
+from edge_agent.scoring import EnsembleScorer, Scorer, ScoringConfig
 from edge_agent.synthetic import add_synth_arguments, run_synth
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="ONNX encoder written by edge-export")
+    parser.add_argument("--model", type=Path, required=True, action="append",
+                        help="ONNX encoder written by edge-export; repeat for an ensemble (mean of the models' "
+                             "normalized scores, one ensemble bank)")
     parser.add_argument("--providers", default="auto",
                         help="comma-separated execution providers: auto, tensorrt, cuda, cpu (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -86,9 +90,9 @@ def _scoring_arguments(parser: argparse.ArgumentParser, stored_default: bool = F
     parser.add_argument("--k-n", type=int, default=None, help="kNN: mean distance to the K_n nearest refs")
 
 
-def _encoder(args: argparse.Namespace) -> Encoder:
+def _models(args: argparse.Namespace) -> ModelSet:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    return Encoder(args.model, providers=providers, intra_op_threads=args.threads)
+    return ModelSet([Encoder(path, providers=providers, intra_op_threads=args.threads) for path in args.model])
 
 
 def _scoring_config(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> ScoringConfig:
@@ -112,7 +116,9 @@ def _embed(encoder: Encoder, windows: list[Window], args: argparse.Namespace, la
 
 def run_info(args: argparse.Namespace) -> int:
     path: Path = args.path
-    if path.is_dir():
+    if path.is_dir() and is_ensemble_bank(path):
+        summary = describe_ensemble(path)
+    elif path.is_dir():
         bank = MemoryBank.load(path)
         summary = {
             "bank": str(path), "model": bank.info.as_dict(), "model_sha256": bank.model_sha256,
@@ -128,7 +134,7 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_windows(args: argparse.Namespace, encoder: Encoder) -> dict[str, list[Window]]:
+def _training_files(args: argparse.Namespace) -> dict[str, list[Path]]:
     by_domain: dict[str, list[Path]] = {"source": [], "target": []}
     for directory in args.train:
         for path in audio_files([directory]):
@@ -138,35 +144,69 @@ def _training_windows(args: argparse.Namespace, encoder: Encoder) -> dict[str, l
     by_domain["target"] += audio_files(args.target)
     if not by_domain["source"]:
         raise EdgeAsdError("enroll needs normal source-domain recordings (--train DIR or --source PATH)")
-    return {domain: [w for path in paths for w in file_windows(path, encoder, args.hop)]
-            for domain, paths in by_domain.items()}
+    return by_domain
+
+
+def _aligned_windows(paths: list[Path], models: ModelSet, hop: float | None) -> list[list[Window]]:
+    """Per model, the windows of `paths` at its rate; every model must cut the same windows."""
+    per_model = [[w for path in paths for w in file_windows(path, encoder, hop)] for encoder in models.encoders]
+    first = [w.name for w in per_model[0]]
+    for encoder, windows in zip(models.encoders[1:], per_model[1:], strict=True):
+        if [w.name for w in windows] != first:
+            a, b = models.encoders[0].info, encoder.info
+            raise EdgeAsdError(f"{models.encoders[0].path.name} ({a.window_samples / a.sample_rate:g} s windows) "
+                               f"and {encoder.path.name} ({b.window_samples / b.sample_rate:g} s windows) cut "
+                               "different windows; an ensemble needs models with the same window length")
+    return per_model
 
 
 def run_enroll(args: argparse.Namespace) -> int:
-    encoder = _encoder(args)
+    models = _models(args)
     cfg = _scoring_config(args)
-    windows = _training_windows(args, encoder)
-    embeddings = {domain: _embed(encoder, ws, args, f"embed {domain}") for domain, ws in windows.items() if ws}
-    names = {domain: [w.name for w in ws] for domain, ws in windows.items() if ws}
+    files = _training_files(args)
+    windows = {domain: _aligned_windows(paths, models, args.hop) for domain, paths in files.items() if paths}
+    names = {domain: [w.name for w in per_model[0]] for domain, per_model in windows.items()}
+    embeddings = [
+        {domain: _embed(encoder, per_model[m], args, f"embed {domain}" + (f" {encoder.info.variant}"
+                                                                          if models.is_ensemble else ""))
+         for domain, per_model in windows.items()}
+        for m, encoder in enumerate(models.encoders)
+    ]
     mixup = MixupSpec(args.mixup_lambda, args.mixup_k) if args.memmixup else None
-    enrolled = enroll_bank(args.bank, encoder.info, embeddings, names, cfg, encoder.model_sha256, mixup=mixup,
-                           threshold_method=args.threshold_method, threshold_quantile=args.quantile)
-    bank = enrolled.bank
-    print(json.dumps({
-        "bank": str(args.bank), "model": encoder.model_id, "layers": list(enrolled.scorer.layers),
-        "normalizer": cfg.normalizer, "source_refs": bank.count("source"), "target_refs": bank.count("target"),
-        "threshold": enrolled.threshold["value"], "threshold_method": enrolled.threshold["method"],
-        "content_hash": bank.content_hash(),
-    }, sort_keys=True))
+    summary: dict[str, Any] = {"bank": str(args.bank), "model": models.model_id, "normalizer": cfg.normalizer}
+    if models.is_ensemble:
+        ensemble = enroll_ensemble(args.bank, models.members, embeddings, names, cfg, mixup=mixup,
+                                   threshold_method=args.threshold_method, threshold_quantile=args.quantile)
+        bank: MemoryBank | EnsembleBank = ensemble.bank
+        threshold = ensemble.threshold
+        summary["layers"] = {m.model_id: list(s.layers) for m, s in zip(models.members, ensemble.scorer.scorers,
+                                                                         strict=True)}
+        summary["members"] = [m.model_id for m in models.members]
+    else:
+        encoder = models.encoders[0]
+        enrolled = enroll_bank(args.bank, encoder.info, embeddings[0], names, cfg, encoder.model_sha256,
+                               mixup=mixup, threshold_method=args.threshold_method,
+                               threshold_quantile=args.quantile)
+        bank, threshold = enrolled.bank, enrolled.threshold
+        summary["layers"] = list(enrolled.scorer.layers)
+    summary.update({"source_refs": bank.count("source"), "target_refs": bank.count("target"),
+                    "threshold": threshold["value"], "threshold_method": threshold["method"],
+                    "content_hash": bank.content_hash()})
+    print(json.dumps(summary, sort_keys=True))
     return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
-    encoder = _encoder(args)
-    bank = MemoryBank.load(args.bank, expect=encoder.info, model_sha256=encoder.model_sha256)
-    stored = (bank.scorer_state or {}).get("config")
-    cfg = _scoring_config(args, stored)
-    scorer = Scorer.fit(bank, cfg)
+    models = _models(args)
+    bank = load_bank_for(args.bank, models.members)
+    if isinstance(bank, EnsembleBank):
+        stored = bank.scoring
+        cfg = _scoring_config(args, stored)
+        scorer: Scorer | EnsembleScorer = EnsembleScorer([Scorer.fit(b, cfg) for b in bank.banks])
+    else:
+        stored = (bank.scorer_state or {}).get("config")
+        cfg = _scoring_config(args, stored)
+        scorer = Scorer.fit(bank, cfg)
     threshold = args.threshold
     if threshold is None:
         if bank.threshold is None or cfg.to_dict() != stored:
@@ -176,10 +216,11 @@ def run_score(args: argparse.Namespace) -> int:
             threshold = float(bank.threshold["value"])
     files = audio_files(args.inputs)
     for path in files:
-        windows = list(file_windows(path, encoder, args.hop))
-        embeddings = embed_windows(encoder, [w.samples for w in windows], args.batch_size)
-        scores = scorer.score(embeddings)
-        for window, value in zip(windows, scores, strict=True):
+        per_model = _aligned_windows([path], models, args.hop)
+        embeddings = [embed_windows(encoder, [w.samples for w in windows], args.batch_size)
+                      for encoder, windows in zip(models.encoders, per_model, strict=True)]
+        scores = scorer.score(embeddings) if isinstance(scorer, EnsembleScorer) else scorer.score(embeddings[0])
+        for window, value in zip(per_model[0], scores, strict=True):
             print(json.dumps({"file": str(path), "start_s": window.start_s, "score": round(float(value), 6),
                               "threshold": round(threshold, 6), "anomalous": bool(value > threshold)}),
                   flush=True)

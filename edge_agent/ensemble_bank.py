@@ -1,0 +1,288 @@
+"""Ensemble memory banks: one ordinary bank per encoder plus the ensemble's own threshold.
+
+On disk (docs/method.md "Ensemble banks"):
+
+    DIR/ensemble.json          format_version, kind, created_at, members [{model_id, variant,
+                               model_sha256, model, subdir, content_hash}], scoring, threshold
+    DIR/<subdir>/bank.json ... one ordinary MemoryBank per member (bank.py format)
+
+Every member bank holds the same windows in the same order (same clip names), so the ensemble's
+leave-one-out scores are the mean of the members' and its threshold is calibrated on them. The
+whole directory is written to a temp dir, fsynced and swapped in like a single bank
+(bank.swap_directory_into_place): a reader sees the old ensemble or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from edge_agent.bank import (
+    BANK_JSON,
+    DOMAINS,
+    MemoryBank,
+    directory_replaced,
+    fsync_path,
+    swap_directory_into_place,
+    swap_in_progress,
+    write_file_synced,
+)
+from edge_agent.errors import BankError, EdgeAsdError, ModelMismatchError
+from edge_agent.model_info import ModelInfo
+from edge_agent.model_set import MemberModel, ensemble_id
+from edge_agent.scoring import Scorer
+
+ENSEMBLE_JSON = "ensemble.json"
+FORMAT_VERSION = 1
+KIND = "ensemble"
+_LOAD_ATTEMPTS = 5
+
+
+def is_ensemble_bank(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / ENSEMBLE_JSON).is_file()
+
+
+class EnsembleBank:
+    """The member banks of an ensemble, in the order of the models it was loaded with."""
+
+    def __init__(self, banks: Sequence[MemoryBank], models: Sequence[MemberModel],
+                 threshold: dict[str, Any] | None, scoring: dict[str, Any] | None,
+                 created_at: str | None = None, path: Path | None = None) -> None:
+        if len(banks) != len(models) or len(banks) < 2:
+            raise BankError("an ensemble bank needs one bank per model, at least two")
+        names = banks[0].names
+        for bank in banks[1:]:
+            if bank.names != names:
+                raise BankError("the member banks of an ensemble must hold the same windows in the same order")
+        self.banks = list(banks)
+        self.models = list(models)
+        self.threshold = threshold
+        self.scoring = scoring
+        self.created_at = created_at
+        self.path = path
+
+    @property
+    def names(self) -> dict[str, list[str]]:
+        return self.banks[0].names
+
+    @property
+    def model_id(self) -> str:
+        return ensemble_id([m.model_id for m in self.models])
+
+    def count_raw(self, domain: str) -> int:
+        return self.banks[0].count_raw(domain)
+
+    def count(self, domain: str) -> int:
+        return self.banks[0].count(domain)
+
+    def content_hash(self) -> str:
+        """Independent of member order: sha256 over the sorted (model sha256, member content hash) pairs."""
+        digest = hashlib.sha256(b"edge-asd ensemble\n")
+        for line in sorted(f"{m.model_sha256}:{b.content_hash()}" for m, b in zip(self.models, self.banks,
+                                                                                     strict=True)):
+            digest.update(line.encode() + b"\n")
+        return digest.hexdigest()
+
+
+def _subdir(index: int, variant: str) -> str:
+    return f"m{index}_{re.sub(r'[^A-Za-z0-9_.-]', '-', variant)}"
+
+
+def save_ensemble(directory: str | os.PathLike[str], scorers: Sequence[Scorer], models: Sequence[MemberModel],
+                  threshold: dict[str, Any] | None, scoring: dict[str, Any] | None,
+                  member_thresholds: Sequence[dict[str, Any] | None] | None = None) -> Path:
+    """Write every member bank (with its scorer's statistics) and ensemble.json, then swap in atomically.
+
+    `threshold` is the ensemble's (calibrated on the mean leave-one-out scores); `member_thresholds`
+    are stored in the member banks, so each member directory is also a usable single-model bank.
+    """
+    dest = Path(directory)
+    if len(scorers) != len(models) or len(scorers) < 2:
+        raise BankError(f"{dest}: an ensemble bank needs one scorer per model, at least two")
+    member_thresholds = list(member_thresholds) if member_thresholds is not None else [None] * len(scorers)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        members = []
+        for i, (scorer, model, member_threshold) in enumerate(zip(scorers, models, member_thresholds,
+                                                                   strict=True)):
+            subdir = _subdir(i, model.info.variant)
+            scorer.save(tmp / subdir, threshold=member_threshold, model_sha256=model.model_sha256)
+            members.append({"model_id": model.model_id, "variant": model.info.variant,
+                            "model_sha256": model.model_sha256, "model": model.info.as_dict(),
+                            "subdir": subdir, "content_hash": scorer.bank.content_hash()})
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "members": members,
+            "scoring": scoring,
+            "threshold": threshold,
+        }
+        try:
+            text = json.dumps(doc, indent=1, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise BankError(f"{dest / ENSEMBLE_JSON}: threshold or scoring is not JSON: {exc}") from None
+        write_file_synced(tmp / ENSEMBLE_JSON, text.encode())
+        fsync_path(tmp)
+        swap_directory_into_place(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def read_ensemble_json(path: Path, fd: int | None = None) -> dict[str, Any]:
+    """ensemble.json, checked for format and member entries; BankError names the file."""
+    where = path / ENSEMBLE_JSON
+    try:
+        if fd is None:
+            raw = where.read_bytes()
+        else:
+            file_fd = os.open(ENSEMBLE_JSON, os.O_RDONLY, dir_fd=fd)
+            with os.fdopen(file_fd, "rb") as fh:
+                raw = fh.read()
+    except FileNotFoundError:
+        if (path / BANK_JSON).is_file():
+            raise BankError(f"{path}: a single-model bank (bank.json), not an ensemble bank ({ENSEMBLE_JSON}); "
+                            "give one model, or enroll an ensemble with several --model") from None
+        raise BankError(f"{where}: missing (no ensemble bank there)") from None
+    except OSError as exc:
+        raise BankError(f"{where}: cannot read: {exc.strerror}") from None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BankError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise BankError(f"{where}: top level is not an object")
+    if doc.get("format_version") != FORMAT_VERSION or doc.get("kind") != KIND:
+        raise BankError(f"{where}: format_version {doc.get('format_version')!r} / kind {doc.get('kind')!r}; "
+                        f"this agent reads {FORMAT_VERSION} / {KIND!r}")
+    members = doc.get("members")
+    if not isinstance(members, list) or len(members) < 2:
+        raise BankError(f"{where}: members must be a list of at least two entries")
+    seen: set[str] = set()
+    for i, m in enumerate(members):
+        keys = ("model_id", "variant", "model_sha256", "model", "subdir", "content_hash")
+        if not isinstance(m, dict) or any(k not in m for k in keys):
+            raise BankError(f"{where}: members[{i}] needs {', '.join(keys)}")
+        sub = m["subdir"]
+        if not isinstance(sub, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", sub) or sub in (".", "..") \
+                or sub in seen:
+            raise BankError(f"{where}: members[{i}].subdir {sub!r} is not a plain, unique directory name")
+        seen.add(sub)
+    return doc
+
+
+def load_ensemble(directory: str | os.PathLike[str], models: Sequence[MemberModel]) -> EnsembleBank:
+    """Read and validate an ensemble bank for these models (any order; the result follows `models`).
+
+    Each model must match exactly one member by ONNX sha256, and its ModelInfo must be compatible
+    with the member bank; a missing or extra model is a ModelMismatchError naming ensemble.json.
+    """
+    path = Path(directory)
+    for attempt in range(_LOAD_ATTEMPTS):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            if attempt + 1 < _LOAD_ATTEMPTS and swap_in_progress(path):
+                time.sleep(0.05)
+                continue
+            raise BankError(f"{path}: no ensemble bank there (directory missing)") from None
+        except NotADirectoryError:
+            raise BankError(f"{path}: not a directory") from None
+        except OSError as exc:
+            raise BankError(f"{path}: cannot open the bank: {exc.strerror}") from None
+        try:
+            return _load_once(path, fd, models)
+        except BankError:
+            # A save swapped the ensemble while we read it: read the new one from the start.
+            if attempt + 1 < _LOAD_ATTEMPTS and directory_replaced(path, fd):
+                continue
+            raise
+        finally:
+            os.close(fd)
+    raise BankError(f"{path}: changed on every read attempt")  # pragma: no cover - loop always returns/raises
+
+
+def _load_once(path: Path, fd: int, models: Sequence[MemberModel]) -> EnsembleBank:
+    doc = read_ensemble_json(path, fd)
+    where = path / ENSEMBLE_JSON
+    members: list[dict[str, Any]] = doc["members"]
+    by_sha = {m["model_sha256"]: m for m in members}
+    given = {m.model_sha256 for m in models}
+    missing = [m for m in members if m["model_sha256"] not in given]
+    extra = [m for m in models if m.model_sha256 not in by_sha]
+    if missing or extra or len(models) != len(members):
+        parts = []
+        if missing:
+            parts.append("no model given for member(s) " + ", ".join(
+                f"{m['model_id']} ({m['variant']})" for m in missing))
+        if extra:
+            parts.append("model(s) not in the ensemble: " + ", ".join(f"{m.model_id} ({m.info.variant})"
+                                                                    for m in extra))
+        if not parts:
+            parts.append(f"{len(models)} models given for {len(members)} members")
+        raise ModelMismatchError(f"{where}: the models given do not match the ensemble's members "
+                                 f"({', '.join(m['model_id'] for m in members)}): " + "; ".join(parts))
+    banks = []
+    for model in models:
+        member = by_sha[model.model_sha256]
+        try:
+            stored = ModelInfo.from_dict(member["model"])
+        except EdgeAsdError as exc:
+            raise BankError(f"{where}: member {member['model_id']}: {exc}") from None
+        model.info.require_compatible(stored, f"ensemble member {member['model_id']} in {where}")
+        bank = MemoryBank.load(path / member["subdir"], expect=model.info, model_sha256=model.model_sha256)
+        if bank.content_hash() != member["content_hash"]:
+            raise BankError(f"{path / member['subdir']}: content does not match {where} (content_hash differs)")
+        banks.append(bank)
+    try:
+        return EnsembleBank(banks, models, doc.get("threshold"), doc.get("scoring"), str(doc.get("created_at")),
+                            path)
+    except BankError as exc:
+        raise BankError(f"{where}: {exc}") from None
+
+
+def describe_ensemble(path: Path) -> dict[str, Any]:
+    """A summary for `edge-agent info DIR` (reads ensemble.json and every member's bank.json)."""
+    doc = read_ensemble_json(path)
+    members = []
+    banks = []
+    for m in doc["members"]:
+        bank = MemoryBank.load(path / m["subdir"])
+        banks.append(bank)
+        members.append({"model_id": m["model_id"], "variant": m["variant"], "model_sha256": m["model_sha256"],
+                        "subdir": m["subdir"], "layers": list(bank.layers),
+                        "member_threshold": (bank.threshold or {}).get("value"),
+                        "content_hash": bank.content_hash()})
+        if bank.content_hash() != m["content_hash"]:
+            raise BankError(f"{path / m['subdir']}: content does not match {path / ENSEMBLE_JSON}")
+    first = banks[0]
+    return {"bank": str(path), "kind": KIND, "model": ensemble_id([m["model_id"] for m in doc["members"]]),
+            "members": members, "counts": {d: first.count(d) for d in DOMAINS},
+            "threshold": doc.get("threshold"), "created_at": doc.get("created_at"), "scoring": doc.get("scoring")}
+
+
+def load_bank_for(directory: str | os.PathLike[str], models: Sequence[MemberModel]) -> MemoryBank | EnsembleBank:
+    """The bank for one model (a MemoryBank) or for several (an EnsembleBank), with clear errors when
+    the directory holds the other kind."""
+    path = Path(directory)
+    if len(models) > 1:
+        return load_ensemble(path, models)
+    if is_ensemble_bank(path):
+        doc = read_ensemble_json(path)
+        ids = ", ".join(m["model_id"] for m in doc["members"])
+        raise ModelMismatchError(f"{path / ENSEMBLE_JSON}: an ensemble bank of {len(doc['members'])} models "
+                                 f"({ids}); give every member model, not one")
+    (model,) = models
+    return MemoryBank.load(path, expect=model.info, model_sha256=model.model_sha256)

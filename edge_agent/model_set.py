@@ -1,0 +1,80 @@
+"""One or several encoders used together: an ensemble embeds each window with every member.
+
+Members may run at different sample rates (mn04 32 kHz, CED / BEATs 16 kHz): audio is captured at
+one rate (`capture_rate`, the highest member rate, so no member loses bandwidth) and resampled to
+each member's rate before its encoder runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.encoder import Encoder
+from edge_agent.errors import ConfigError
+from edge_agent.model_info import ModelInfo
+from edge_agent.resample import resample
+from edge_agent.windowing import fit_to_window
+
+
+@dataclass(frozen=True)
+class MemberModel:
+    """What identifies the encoder of one ensemble member (stored in ensemble.json, checked on load)."""
+
+    info: ModelInfo
+    model_sha256: str
+    model_id: str  # "<variant>-<sha12>"
+
+    @classmethod
+    def of(cls, encoder: Encoder) -> MemberModel:
+        return cls(encoder.info, encoder.model_sha256, encoder.model_id)
+
+
+def ensemble_id(model_ids: Sequence[str]) -> str:
+    """The id alerts and state carry: the model id itself for one model, joined by '+' for several."""
+    return "+".join(model_ids)
+
+
+class ModelSet:
+    """The encoders of an agent or a CLI run, in the order they were given."""
+
+    def __init__(self, encoders: Sequence[Encoder]) -> None:
+        if not encoders:
+            raise ConfigError("models", "needs at least one model")
+        shas = [e.model_sha256 for e in encoders]
+        for i, sha in enumerate(shas):
+            if sha in shas[:i]:
+                raise ConfigError("models", f"{encoders[i].path} is the same model as "
+                                  f"{encoders[shas.index(sha)].path} (sha256 {sha[:12]}…)", str(encoders[i].path))
+        self.encoders = list(encoders)
+        self.members = [MemberModel.of(e) for e in encoders]
+        self.model_id = ensemble_id([e.model_id for e in encoders])
+        self.capture_rate = max(e.info.sample_rate for e in encoders)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.encoders) > 1
+
+    def __len__(self) -> int:
+        return len(self.encoders)
+
+    def prepare(self, windows: Sequence[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """(samples, rate) windows -> per member [B, window_samples] at that member's rate."""
+        out = []
+        for enc in self.encoders:
+            info = enc.info
+            out.append(np.stack([fit_to_window(resample(samples, rate, info.sample_rate), info.window_samples)
+                                 for samples, rate in windows]))
+        return out
+
+    def embed(self, prepared: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per member windows (from prepare) -> per member {layer: [B, D]}."""
+        return [enc.embed(x) for enc, x in zip(self.encoders, prepared, strict=True)]
+
+    def describe(self) -> list[dict[str, object]]:
+        """One entry per member for state payloads and summaries."""
+        return [{"id": e.model_id, "family": e.info.family, "variant": e.info.variant,
+                 "sample_rate": e.info.sample_rate, "window_samples": e.info.window_samples,
+                 "providers": list(e.providers)} for e in self.encoders]
