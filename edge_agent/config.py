@@ -151,8 +151,9 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     node: str = field(metadata=_limits(pattern=NAME_PATTERN))
-    model: ModelConfig = field()
     sources: list[SourceConfig] = field()
+    model: ModelConfig | None = None  # one encoder ...
+    models: list[ModelConfig] | None = None  # ... or an ensemble (exactly one of the two)
     state_dir: Path = Path("state")
     mqtt: MqttConfig | None = None
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -165,6 +166,21 @@ class AgentConfig:
     config_hash: str = ""
     source_file: str = ""
     mqtt_password: str | None = field(default=None, repr=False)  # resolved secret, never logged
+
+    @property
+    def model_configs(self) -> list[ModelConfig]:
+        """The encoders in order: [model] or models."""
+        if self.models is not None:
+            return list(self.models)
+        assert self.model is not None  # parse_config guarantees one of the two
+        return [self.model]
+
+    @property
+    def model_keys(self) -> list[str]:
+        """Key path of each entry of model_configs, for error messages."""
+        if self.models is not None:
+            return [f"models[{i}]" for i in range(len(self.models))]
+        return ["model"]
 
     def source(self, name: str) -> SourceConfig:
         for src in self.sources:
@@ -416,8 +432,19 @@ def _check_semantics(cfg: AgentConfig, ctx: _Ctx) -> None:
             raise ctx.error(f"{at}.bank", "is required (a bank directory built by `edge-agent enroll`)")
     if sum(s.type == "stdin" for s in cfg.sources) > 1:
         raise ctx.error("sources", "only one source can read stdin")
-    if not cfg.model.providers:
-        raise ctx.error("model.providers", "needs at least one provider", [])
+    if (cfg.model is None) == (cfg.models is None):
+        raise ctx.error("model" if cfg.model is None else "models",
+                        "give either `model` (one encoder) or `models` (an ensemble), not both"
+                        if cfg.model is not None else "is required (or `models` for an ensemble)")
+    if cfg.models is not None and len(cfg.models) < 2:
+        raise ctx.error("models", "an ensemble needs at least two models (use `model` for one)", len(cfg.models))
+    paths: dict[Path, str] = {}
+    for key, model in zip(cfg.model_keys, cfg.model_configs, strict=True):
+        if not model.providers:
+            raise ctx.error(f"{key}.providers", "needs at least one provider", [])
+        if model.path in paths:
+            raise ctx.error(f"{key}.path", f"is the same file as {paths[model.path]}.path", str(model.path))
+        paths[model.path] = key
     if cfg.mqtt is not None:
         given = [k for k in ("password", "password_file", "password_env") if getattr(cfg.mqtt, k)]
         if len(given) > 1:

@@ -2,12 +2,13 @@
 
 Threads:
   capture-<source>  one per source (edge_agent.sources): audio -> windows -> inference queue
-  inference         windows -> resample -> ONNX embed -> per-source scorer -> hysteresis -> outputs
+  inference         windows -> resample -> ONNX embed (each model of an ensemble) -> per-source scorer
+                    -> hysteresis -> outputs
   mqtt-publisher    spool + paho (edge_agent.mqtt), or JSONL/stdout without an `mqtt` section
   enroll            rebuilds a target bank off the inference thread when an `enroll` finishes
   main              signals, control messages (config push, commands), state, sd_notify watchdog
 
-Everything a config determines (encoder, banks, scorers, sources) lives in one `Runtime`. A new
+Everything a config determines (encoders, banks, scorers, sources) lives in one `Runtime`. A new
 config (push, SIGHUP, `reload`) is built completely beside the running one; only when every part
 built is the runtime reference swapped. Any error leaves the old runtime running.
 """
@@ -45,16 +46,16 @@ from edge_agent.config import (
     write_config_atomic,
 )
 from edge_agent.encoder import Encoder
-from edge_agent.enrollment import enroll_bank
+from edge_agent.enrollment import enroll_bank, enroll_ensemble
+from edge_agent.ensemble_bank import ENSEMBLE_JSON, EnsembleBank, load_bank_for
 from edge_agent.errors import ConfigError, EdgeAsdError
 from edge_agent.metrics import Metrics, MetricsServer
+from edge_agent.model_set import ModelSet
 from edge_agent.mqtt import MqttPublisher, homeassistant_discovery
-from edge_agent.resample import resample
-from edge_agent.scoring import Scorer, ScoringConfig
+from edge_agent.scoring import EnsembleScorer, Scorer, ScoringConfig
 from edge_agent.sdnotify import SystemdNotifier
 from edge_agent.sources import AudioSource, Window, make_source
 from edge_agent.spool import Spool
-from edge_agent.windowing import fit_to_window
 
 log = logging.getLogger("edge_agent.daemon")
 
@@ -111,7 +112,7 @@ class MqttOutputs:
         if mcfg.homeassistant:
             sources = [(p.cfg.name, p.cfg.publish_scores) for p in runtime.pipelines.values()]
             self.publisher.set_discovery(homeassistant_discovery(self.topics, mcfg.discovery_prefix, sources,
-                                                                 runtime.encoder.model_id))
+                                                                 runtime.models.model_id))
 
     def stop(self, status: str) -> None:
         self.publisher.stop(status)
@@ -172,7 +173,8 @@ class JsonlOutputs:
 class EnrollJob:
     windows: int
     request_id: str | None
-    embeddings: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    # per model (one entry without an ensemble): {layer: [batches of embeddings]}
+    embeddings: list[dict[str, list[np.ndarray]]] = field(default_factory=list)
     collected: int = 0
 
 
@@ -181,10 +183,10 @@ class SourcePipeline:
     cfg: SourceConfig
     index: int
     source: AudioSource
-    bank: MemoryBank
+    bank: MemoryBank | EnsembleBank  # an EnsembleBank when the config has `models`
     bank_id: str
     scoring: ScoringConfig
-    scorer: Scorer
+    scorer: Scorer | EnsembleScorer
     threshold: float
     threshold_origin: str  # "config" | "bank"
     tracker: EpisodeTracker
@@ -198,20 +200,45 @@ class SourcePipeline:
 @dataclass
 class Runtime:
     cfg: AgentConfig
-    encoder: Encoder
+    models: ModelSet  # one encoder, or the members of an ensemble
     pipelines: dict[str, SourcePipeline]
     fresh_sources: list[AudioSource]  # built for this runtime, not yet started
+
+    @property
+    def encoder(self) -> Encoder:
+        """The (first) encoder."""
+        return self.models.encoders[0]
+
+
+def build_models(cfg: AgentConfig, previous: Runtime | None) -> ModelSet:
+    if previous is not None and previous.cfg.model_configs == cfg.model_configs:
+        return previous.models
+    encoders = []
+    for key, mcfg in zip(cfg.model_keys, cfg.model_configs, strict=True):
+        try:
+            encoders.append(Encoder(mcfg.path, providers=tuple(mcfg.providers),
+                                    intra_op_threads=mcfg.intra_op_threads, allow_spinning=False))
+        except EdgeAsdError as exc:
+            raise ConfigError(f"{key}.path", str(exc), source=cfg.source_file) from None
+    try:
+        return ModelSet(encoders)
+    except ConfigError as exc:
+        raise ConfigError(exc.path, str(exc).split(": ", 1)[-1], source=cfg.source_file) from None
+
+
+def fit_scorer(bank: MemoryBank | EnsembleBank, scoring: ScoringConfig) -> Scorer | EnsembleScorer:
+    if isinstance(bank, EnsembleBank):
+        return EnsembleScorer([Scorer.fit(member, scoring) for member in bank.banks])
+    return Scorer.fit(bank, scoring)
+
+
+def member_banks(bank: MemoryBank | EnsembleBank) -> list[MemoryBank]:
+    return bank.banks if isinstance(bank, EnsembleBank) else [bank]
 
 
 def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
     """Build every part of `cfg`, reusing unchanged parts of `previous`; raises, never half-builds."""
-    encoder = previous.encoder if previous is not None and previous.cfg.model == cfg.model else None
-    if encoder is None:
-        try:
-            encoder = Encoder(cfg.model.path, providers=tuple(cfg.model.providers),
-                              intra_op_threads=cfg.model.intra_op_threads, allow_spinning=False)
-        except EdgeAsdError as exc:
-            raise ConfigError("model.path", str(exc), source=cfg.source_file) from None
+    models = build_models(cfg, previous)
     pipelines: dict[str, SourcePipeline] = {}
     fresh: list[AudioSource] = []
     for i, src in enumerate(cfg.sources):
@@ -225,12 +252,13 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
         old = previous.pipelines.get(src.name) if previous is not None else None
         stamp = bank_stamp(src.bank)
         if old is not None and old.cfg.bank == src.bank and old.bank_stamp == stamp and old.scoring == scoring \
-                and old.context.model == encoder.model_id:
+                and old.context.model == models.model_id:
             bank, scorer, bank_id = old.bank, old.scorer, old.bank_id
         else:
             try:
-                bank = MemoryBank.load(src.bank, expect=encoder.info, model_sha256=encoder.model_sha256)
-                scorer = Scorer.fit(bank, scoring)
+                assert src.bank is not None  # parse_config requires it
+                bank = load_bank_for(src.bank, models.members)
+                scorer = fit_scorer(bank, scoring)
             except ConfigError as exc:
                 raise ConfigError(f"{at}.{exc.path}", str(exc).split(": ", 1)[-1], exc.value,
                                   source=cfg.source_file) from None
@@ -238,34 +266,39 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
                 raise ConfigError(f"{at}.bank", str(exc), source=cfg.source_file) from None
             bank_id = bank.content_hash()[:12]
         threshold, origin = _threshold(src, bank, at, cfg.source_file)
-        context = AlertContext(node=cfg.node, source=src.name, model=encoder.model_id, bank=bank_id,
+        context = AlertContext(node=cfg.node, source=src.name, model=models.model_id, bank=bank_id,
                                threshold=threshold)
-        same_rate = old is not None and old.source.model_rate == encoder.info.sample_rate
+        same_rate = old is not None and old.source.model_rate == models.capture_rate
         if old is not None and same_rate and _capture_key(old.cfg) == _capture_key(src):
             source = old.source
         else:
-            source = make_source(src, encoder.info.sample_rate)
+            source = make_source(src, models.capture_rate)
             fresh.append(source)
         tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
         pipelines[src.name] = SourcePipeline(src, i, source, bank, bank_id, scoring, scorer, threshold, origin,
                                              tracker, context, bank_stamp=stamp)
-    return Runtime(cfg, encoder, pipelines, fresh)
+    return Runtime(cfg, models, pipelines, fresh)
 
 
 def bank_stamp(directory: Path | None) -> tuple[int, int, int] | None:
-    """Identity of the bank on disk: a save swaps in a new directory, so bank.json changes inode."""
-    try:
-        st = os.stat(Path(directory) / "bank.json") if directory is not None else None
-    except OSError:
+    """Identity of the bank on disk: a save swaps in a new directory, so bank.json (ensemble.json for
+    an ensemble bank) changes inode."""
+    if directory is None:
         return None
-    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+    for name in (ENSEMBLE_JSON, "bank.json"):
+        try:
+            st = os.stat(Path(directory) / name)
+        except OSError:
+            continue
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    return None
 
 
 def _scoring_dict(data: dict[str, Any]) -> dict[str, Any]:
     return {k: (tuple(v) if k == "layers" and isinstance(v, list) else v) for k, v in data.items()}
 
 
-def _threshold(src: SourceConfig, bank: MemoryBank, at: str, file: str) -> tuple[float, str]:
+def _threshold(src: SourceConfig, bank: MemoryBank | EnsembleBank, at: str, file: str) -> tuple[float, str]:
     if src.threshold is not None:
         return float(src.threshold), "config"
     value = (bank.threshold or {}).get("value")
@@ -324,7 +357,7 @@ class Agent:
         self._publish_state(force=True)
         self.notifier.ready(f"monitoring {len(self.runtime.pipelines)} source(s)")
         log.info("event=started node=%s sources=%s model=%s config_hash=%s", self.cfg.node,
-                 ",".join(self.runtime.pipelines), self.runtime.encoder.model_id, self.cfg.config_hash)
+                 ",".join(self.runtime.pipelines), self.runtime.models.model_id, self.cfg.config_hash)
         watchdog = self.notifier.watchdog_seconds
         tick = min(1.0, watchdog / 3) if watchdog else 1.0
         exit_status = "stopped"
@@ -415,24 +448,22 @@ class Agent:
 
     def _process(self, batch: list[Window]) -> None:
         runtime = self.runtime
-        encoder = runtime.encoder
-        info = encoder.info
+        models = runtime.models
         t_start = time.monotonic()
         for w in batch:
             self.metrics.observe("edge_agent_stage_seconds", t_start - w.captured_at, stage="queue")
         live = [w for w in batch if w.source in runtime.pipelines]
         if not live:
             return
-        prepared = np.stack([fit_to_window(resample(w.samples, w.sample_rate, info.sample_rate),
-                                           info.window_samples) for w in live])
+        prepared = models.prepare([(w.samples, w.sample_rate) for w in live])
         t_resampled = time.monotonic()
-        emb = encoder.embed(prepared)
+        embs = models.embed(prepared)
         t_embedded = time.monotonic()
         self.metrics.observe("edge_agent_stage_seconds", t_resampled - t_start, stage="resample")
         self.metrics.observe("edge_agent_stage_seconds", t_embedded - t_resampled, stage="embed")
         with self._lock:
             runtime = self.runtime  # a swap may have happened while embedding: score with the newest
-            if runtime.encoder is not encoder:
+            if runtime.models is not models:
                 log.info("event=windows_skipped reason=model_changed windows=%d", len(live))
                 return
             for name in dict.fromkeys(w.source for w in live):
@@ -440,11 +471,12 @@ class Agent:
                 if pipeline is None:
                     continue
                 rows = [i for i, w in enumerate(live) if w.source == name]
-                sub = {layer: values[rows] for layer, values in emb.items()}
+                subs = [{layer: values[rows] for layer, values in emb.items()} for emb in embs]
                 t0 = time.monotonic()
-                scores = pipeline.scorer.score(sub)
+                scorer = pipeline.scorer
+                scores = scorer.score(subs) if isinstance(scorer, EnsembleScorer) else scorer.score(subs[0])
                 self.metrics.observe("edge_agent_stage_seconds", time.monotonic() - t0, stage="score")
-                self._collect_enroll(pipeline, sub)
+                self._collect_enroll(pipeline, subs)
                 for row, score in zip(rows, scores, strict=True):
                     self._decide(pipeline, live[row], float(score))
 
@@ -476,13 +508,18 @@ class Agent:
 
     # --- enroll ------------------------------------------------------------------------------------
 
-    def _collect_enroll(self, pipeline: SourcePipeline, emb: dict[str, np.ndarray]) -> None:
+    def _collect_enroll(self, pipeline: SourcePipeline, embs: list[dict[str, np.ndarray]]) -> None:
+        """embs: per model (the bank's members, in order) the embeddings of this batch's windows."""
         job = pipeline.enroll
         if job is None:
             return
-        take = min(job.windows - job.collected, next(iter(emb.values())).shape[0])
-        for layer in pipeline.bank.layers:
-            job.embeddings.setdefault(layer, []).append(emb[layer][:take])
+        take = min(job.windows - job.collected, next(iter(embs[0].values())).shape[0])
+        banks = member_banks(pipeline.bank)
+        if not job.embeddings:
+            job.embeddings = [{} for _ in banks]
+        for bank, emb, parts in zip(banks, embs, job.embeddings, strict=True):
+            for layer in bank.layers:
+                parts.setdefault(layer, []).append(emb[layer][:take])
         job.collected += take
         if job.collected >= job.windows:
             pipeline.enroll = None
@@ -502,16 +539,27 @@ class Agent:
     def _rebuild_target(self, name: str, job: EnrollJob) -> dict[str, Any]:
         pipeline = self.runtime.pipelines[name]
         old = pipeline.bank
-        target = {layer: np.concatenate(parts) for layer, parts in job.embeddings.items()}
+        assert pipeline.cfg.bank is not None  # parse_config requires it
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         names = {"source": old.names["source"], "target": [f"enroll_{stamp}_{i:04d}" for i in range(job.windows)]}
         ecfg = pipeline.cfg.enroll
         mixup = MixupSpec(ecfg.memmixup_lambda, ecfg.memmixup_k) if ecfg.memmixup else None
-        source_emb = {layer: old.get_raw(layer, "source") for layer in old.layers}
-        enrolled = enroll_bank(pipeline.cfg.bank, old.info, {"source": source_emb, "target": target}, names,
-                               pipeline.scoring, self.runtime.encoder.model_sha256, mixup=mixup,
-                               threshold_method=ecfg.threshold_method, threshold_quantile=ecfg.threshold_quantile)
-        loaded, scorer, threshold = enrolled.bank, enrolled.scorer, enrolled.threshold
+        # Every member keeps its source refs and gets its own embeddings of the same recorded windows.
+        embeddings = [{"source": {layer: bank.get_raw(layer, "source") for layer in bank.layers},
+                       "target": {layer: np.concatenate(parts) for layer, parts in collected.items()}}
+                      for bank, collected in zip(member_banks(old), job.embeddings, strict=True)]
+        loaded: MemoryBank | EnsembleBank
+        scorer: Scorer | EnsembleScorer
+        if isinstance(old, EnsembleBank):
+            ensemble = enroll_ensemble(pipeline.cfg.bank, old.models, embeddings, names, pipeline.scoring,
+                                       mixup=mixup, threshold_method=ecfg.threshold_method,
+                                       threshold_quantile=ecfg.threshold_quantile)
+            loaded, scorer, threshold = ensemble.bank, ensemble.scorer, ensemble.threshold
+        else:
+            enrolled = enroll_bank(pipeline.cfg.bank, old.info, embeddings[0], names, pipeline.scoring,
+                                   self.runtime.encoder.model_sha256, mixup=mixup,
+                                   threshold_method=ecfg.threshold_method, threshold_quantile=ecfg.threshold_quantile)
+            loaded, scorer, threshold = enrolled.bank, enrolled.scorer, enrolled.threshold
         bank_id = loaded.content_hash()[:12]
         with self._lock:
             current = self.runtime.pipelines.get(name)
@@ -608,7 +656,12 @@ class Agent:
                 pipeline.tracker.reconfigure(pipeline.context, pipeline.cfg.hysteresis)
                 previous = old.pipelines.get(name)
                 if previous is not None and previous.enroll is not None and previous.source is pipeline.source:
-                    pipeline.enroll = previous.enroll
+                    if previous.context.model == pipeline.context.model:
+                        pipeline.enroll = previous.enroll
+                    else:  # embeddings recorded so far belong to other encoders
+                        self.outputs.publish_command_result(command_result(
+                            "enroll", False, previous.enroll.request_id,
+                            error=f"source {name!r}: the models changed while enrolling; enroll again"))
             now = time.time()
             for name, pipeline in old.pipelines.items():
                 if name not in new.pipelines:
@@ -678,7 +731,7 @@ class Agent:
 
     def state(self, status: str = "online") -> dict[str, Any]:
         runtime = self.runtime
-        enc = runtime.encoder
+        models = runtime.models
         sources = []
         degraded = False
         for p in runtime.pipelines.values():
@@ -697,9 +750,7 @@ class Agent:
             "schema_version": 1, "node": self.cfg.node, "status": status, "version": __version__,
             "started_at": iso_time(self.started_at), "updated_at": iso_time(time.time()),
             "config_hash": runtime.cfg.config_hash,
-            "model": {"id": enc.model_id, "family": enc.info.family, "variant": enc.info.variant,
-                      "sample_rate": enc.info.sample_rate, "window_samples": enc.info.window_samples,
-                      "providers": list(enc.providers)},
+            "model": _model_state(models),
             "sources": sources,
             "health": "degraded" if degraded else "ok",
         }
@@ -754,6 +805,20 @@ class Agent:
             m.set("edge_agent_spool_bytes", self.outputs.spool.bytes)
             m.set_counter("edge_agent_spool_dropped_total", self.outputs.spool.dropped)
             m.set("edge_agent_broker_connected", 1.0 if self.outputs.publisher.connected else 0.0)
+
+
+def _model_state(models: ModelSet) -> dict[str, Any]:
+    """The state's `model`: the encoder itself, or for an ensemble its id, the capture rate and the
+    longest member window at that rate; `members` lists every encoder either way."""
+    members = models.describe()
+    if not models.is_ensemble:
+        return {**members[0], "members": members}
+    rate = models.capture_rate
+    seconds = max(e.info.window_samples / e.info.sample_rate for e in models.encoders)
+    providers = list(dict.fromkeys(p for m in members for p in m["providers"]))
+    return {"id": models.model_id, "family": "ensemble", "variant": "+".join(e.info.variant for e in models.encoders),
+            "sample_rate": rate, "window_samples": round(seconds * rate), "providers": providers,
+            "members": members}
 
 
 def _state_signature(state: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class ModelSet:
         """Per member windows (from prepare) -> per member {layer: [B, D]}."""
         return [enc.embed(x) for enc, x in zip(self.encoders, prepared, strict=True)]
 
-    def describe(self) -> list[dict[str, object]]:
+    def describe(self) -> list[dict[str, Any]]:
         """One entry per member for state payloads and summaries."""
         return [{"id": e.model_id, "family": e.info.family, "variant": e.info.variant,
                  "sample_rate": e.info.sample_rate, "window_samples": e.info.window_samples,
