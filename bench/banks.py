@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import benchlib
@@ -201,8 +203,12 @@ def main() -> None:
     parser.add_argument("--ratio-refs", type=int, default=10_000)
     parser.add_argument("--mn04-refs", type=int, default=1500, help="real mn04 embeddings (0: skip)")
     parser.add_argument("--skip-sizes", action="store_true")
+    parser.add_argument("--print-json", type=Path, default=None, help="re-print the tables of a saved run")
     benchlib.add_common_arguments(parser)
     args = parser.parse_args()
+    if args.print_json:
+        print_tables(json.loads(args.print_json.read_text()))
+        return
     info = benchlib.machine()
     print(f"machine: {benchlib.machine_line(info)}\n", flush=True)
     params = HnswParams()
@@ -227,6 +233,15 @@ def main() -> None:
     benchlib.write_json("banks", results, args.json_dir)
 
 
+def index_gb(n: int, dim: int, kind: str, m: int) -> float:
+    """Resident size of an index: exact = float32 refs + the float64 copy its queries cache;
+    HNSW = hnswlib's level-0 storage (vector, 2M links, count, label) + the runtime's float32 refs.
+    (RSS growth measured around each build is in the JSON; freed arrays make it unreliable.)"""
+    if kind == "exact":
+        return n * dim * 12 / 1e9
+    return n * (dim * 4 + 2 * m * 4 + 4 + 8 + dim * 4) / 1e9
+
+
 def print_tables(results: dict[str, Any]) -> None:
     if "sizes" in results:
         print("\n### Exact vs HNSW search (k = 1; ms per query; memory = RSS growth)\n")
@@ -234,7 +249,8 @@ def print_tables(results: dict[str, Any]) -> None:
         for r in results["sizes"]:
             if "skipped" in r:
                 rows.append([r["n"], r["dim"], f"{r['refs_gb']:.2f}", f"skipped: {r['skipped']}",
-                             *([""] * 8)])
+                             *([""] * 7), f"{index_gb(r['n'], r['dim'], 'exact', results['hnsw']['m']):.3g} / "
+                             f"{index_gb(r['n'], r['dim'], 'hnsw', results['hnsw']['m']):.3g}"])
                 continue
             build = f"{r['hnsw_build_s']:.1f}" + (f" (extrapolated from {r['hnsw_inserted']} refs in "
                                                    f"{r['hnsw_inserted_s']:.0f} s)" if r["hnsw_extrapolated"] else "")
@@ -244,10 +260,11 @@ def print_tables(results: dict[str, Any]) -> None:
                          "" if hn is None else r["hnsw_qmany_ms"],
                          "" if hn is None else f"{r['speedup_q1']:.1f}x",
                          "" if hn is None else f"{r['recall_at_1']:.3f}",
-                         f"{r['exact_mem_gb']:.2f} / {r['hnsw_mem_gb']:.2f}"])
+                         f"{index_gb(r['n'], r['dim'], 'exact', results['hnsw']['m']):.3g} / "
+                         f"{index_gb(r['n'], r['dim'], 'hnsw', results['hnsw']['m']):.3g}"])
         print(benchlib.table(["N", "D", "refs GB", "exact build s", "HNSW build s", "exact ms (b=1)",
                               "HNSW ms (b=1)", f"exact ms/q (b={BATCH_MANY})", f"HNSW ms/q (b={BATCH_MANY})",
-                              "speed-up b=1", "recall@1", "mem GB exact / HNSW"], rows))
+                              "speed-up b=1", "recall@1", "index GB exact / HNSW"], rows))
         print("\n### HNSW ef_search sweep (recall@1 / ms per query at batch 1)\n")
         rows = []
         for r in results["sizes"]:

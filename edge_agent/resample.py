@@ -27,10 +27,13 @@ def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     n_in = audio.shape[0]
     n_out = -(-n_in * up // down)
     per_phase = -(-taps.shape[0] // up)
+    # Blocked matrix products need the input in whole blocks of `span` samples (see _blocked_fir).
+    span = -(-per_phase // down) * down
+    tail = per_phase + down + 1 + 2 * span
     padded = np.concatenate([
         np.zeros(per_phase, np.float64),
         audio.astype(np.float64),
-        np.zeros(per_phase + down + 1, np.float64),
+        np.zeros(tail, np.float64),
     ])
     windows = sliding_window_view(padded, per_phase)
     out = np.empty(n_out, np.float64)
@@ -44,9 +47,32 @@ def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
         kernel[per_phase - phase_taps.shape[0]:] = phase_taps[::-1]
         count = len(range(first, n_out, up))
         start = newest + per_phase - (per_phase - 1)
-        rows = windows[start:start + count * down:down]
-        out[first::up] = rows @ kernel
+        if down < per_phase:
+            out[first::up] = _blocked_fir(padded, start, kernel, count, down, span)
+        else:
+            # Windows `down` apart do not overlap: the strided view is read without a copy.
+            rows = windows[start:start + count * down:down]
+            out[first::up] = rows @ kernel
     return out.astype(np.float32)
+
+
+def _blocked_fir(padded: np.ndarray, start: int, kernel: np.ndarray, count: int, down: int,
+                 span: int) -> np.ndarray:
+    """y[m] = sum_j kernel[j] * padded[start + m*down + j] for m < count, as two matrix products.
+
+    When windows overlap (down < taps), a strided [count, taps] view makes numpy copy count*taps
+    values first, which costs more than the products (measured in bench/encoders.py). Instead the
+    input is cut into contiguous blocks of span = group*down samples: the `group` outputs of block i
+    read only blocks i and i+1, so y = blocks[:-1] @ A + blocks[1:] @ B with banded A, B.
+    """
+    group = span // down
+    rows = -(-count // group)
+    blocks = padded[start:start + (rows + 1) * span].reshape(rows + 1, span)
+    band = np.zeros((2 * span, group), np.float64)
+    for g in range(group):
+        band[g * down:g * down + kernel.shape[0], g] = kernel
+    y = blocks[:-1] @ band[:span] + blocks[1:] @ band[span:]
+    return y.reshape(-1)[:count]
 
 
 @lru_cache(maxsize=16)
