@@ -29,6 +29,7 @@ from typing import Any
 
 import benchlib
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from edge_agent.alerts import AlertContext, score_payload
 from edge_agent.bank import MemoryBank
@@ -134,24 +135,68 @@ def torch_ms(model: Any, samples: int, threads: int, repeats: int) -> dict[str, 
     return benchlib.stats_ms(benchlib.timings(run, repeats, warmup=2))
 
 
-def torch_flops(model: Any, samples: int) -> float:
+def torch_flops(model: Any, samples: int) -> tuple[float, float]:
+    """(FLOPs per window, of which in the front-end submodule)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         model(torch.zeros(1, samples))
-    return float(counter.get_total_flops())
+    front = sum(v for key, counts in counter.get_flop_counts().items() if key.endswith(".frontend")
+                for v in counts.values())
+    return float(counter.get_total_flops()), float(front)
 
 
-def matmul_peak(threads: int, n: int = 4096, repeats: int = 5) -> float:
-    """float32 GFLOP/s of torch.mm n x n x n on `threads` threads (median of repeats)."""
+def matmul_peaks(threads: int, n: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """float32 GFLOP/s of an n x n x n matrix product on `threads` threads (median of repeats), three
+    ways: torch.mm (MKL/oneDNN), numpy (OpenBLAS) and a one-node ONNX MatMul in ONNX Runtime (MLAS).
+    The best of them is this CPU's measured peak."""
+    import onnx
+    import onnxruntime as ort
     import torch
+    from onnx import TensorProto, helper
 
+    flop = 2 * n**3
+    a, b = np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
+    out = {}
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = np.median(benchlib.timings(lambda: torch.mm(a, b), repeats, warmup=1))
-    return 2 * n**3 / t / 1e9
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    out["torch"] = flop / np.median(benchlib.timings(lambda: torch.mm(ta, tb), repeats)) / 1e9
+    with threadpool_limits(threads):
+        out["numpy"] = flop / np.median(benchlib.timings(lambda: a @ b, repeats)) / 1e9
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+                              [onnx.numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out["onnxruntime"] = flop / np.median(benchlib.timings(lambda: session.run(None, {"a": a}), repeats)) / 1e9
+    out["peak"] = max(out.values())
+    return out
+
+
+def frontend_share(path: Path, threads: int, runs: int = 5) -> float:
+    """Share of ONNX Runtime node time spent in the front-end (nodes under /frontend/), from ORT's profiler."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "prof")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        samples = int(session.get_modelmeta().custom_metadata_map["window_samples"])
+        window = np.random.default_rng(0).standard_normal((1, samples)).astype(np.float32) * 0.1
+        for _ in range(runs):
+            session.run(None, {"waveform": window})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    total = sum(e["dur"] for e in nodes)
+    front = sum(e["dur"] for e in nodes if e["name"].startswith("/frontend/"))
+    return front / total if total else float("nan")
 
 
 def main() -> None:
@@ -159,18 +204,28 @@ def main() -> None:
     parser.add_argument("--encoders", default=",".join(benchlib.ENCODERS))
     parser.add_argument("--refs", type=int, default=10_000, help="source refs in the bank per layer")
     parser.add_argument("--skip-precisions", action="store_true", help="fp32 only in table 2")
+    parser.add_argument("--stages-only", action="store_true", help="table 1 only")
+    parser.add_argument("--print-json", type=Path, default=None, help="re-print the tables of a saved run")
     benchlib.add_common_arguments(parser)
     args = parser.parse_args()
     names = [n for n in args.encoders.split(",") if n]
     cores = os.cpu_count() or 1
+    if args.print_json:
+        saved = json.loads(args.print_json.read_text())
+        saved["peak_gflops"] = {int(k): v for k, v in saved["peak_gflops"].items()}
+        print_tables(saved, cores)
+        return
     info = benchlib.machine()
     print(f"machine: {benchlib.machine_line(info)}\n")
     results: dict[str, Any] = {"machine": info, "refs": args.refs, "encoders": {}}
 
-    peak = {t: matmul_peak(t) for t in sorted({1, cores})}
-    results["peak_gflops"] = peak
-    print("float32 matmul peak (torch.mm 4096^3): " +
-          ", ".join(f"{t} thread(s) {g:.0f} GFLOP/s" for t, g in peak.items()) + "\n")
+    peaks = {t: matmul_peaks(t) for t in sorted({1, cores})}
+    results["matmul_gflops"] = peaks
+    results["peak_gflops"] = {t: p["peak"] for t, p in peaks.items()}
+    for t, p in peaks.items():
+        print(f"float32 matmul 4096^3, {t} thread(s): " + ", ".join(f"{k} {v:.0f}" for k, v in p.items())
+              + " GFLOP/s")
+    print()
 
     precisions = ("fp32",) if args.skip_precisions else benchlib.PRECISIONS
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "scores.jsonl", "a") as out_file:
@@ -183,11 +238,16 @@ def main() -> None:
                                    "search": {layer: scorer.normalizers[layer].bank.source.kind
                                               for layer in scorer.layers},
                                    "scorer_fit_s": fit_s}
-            row["stages_1thread"] = stage_times(name, enc, scorer, args.repeats, out_file)
+            with threadpool_limits(1):  # one core: numpy's BLAS too, not only ONNX Runtime
+                row["stages_1thread"] = stage_times(name, enc, scorer, args.repeats, out_file)
             del scorer
+            if args.stages_only:
+                results["encoders"][name] = row
+                continue
             model = torch_model(name)
             samples = enc.info.window_samples
-            row["flops"] = torch_flops(model, samples)
+            row["flops"], row["frontend_flops"] = torch_flops(model, samples)
+            row["frontend_time_share"] = {str(t): frontend_share(paths["fp32"], t) for t in sorted({1, cores})}
             row["ort"] = {p: {str(t): ort_ms(path, t, args.repeats) for t in sorted({1, cores})}
                           for p, path in paths.items()}
             row["torch"] = {str(t): torch_ms(model, samples, t, args.repeats) for t in sorted({1, cores})}
@@ -201,7 +261,8 @@ def main() -> None:
 
 def print_tables(results: dict[str, Any], cores: int) -> None:
     enc = results["encoders"]
-    print(f"\n### Stages per 10 s window, batch 1, 1 intra-op thread, {results['refs']} source refs\n")
+    print(f"\n### Stages per 10 s window, batch 1, one core (1 ORT and 1 BLAS thread), {results['refs']} "
+          "source refs\n")
     rows = []
     for name, r in enc.items():
         s = r["stages_1thread"]
@@ -213,6 +274,9 @@ def print_tables(results: dict[str, Any], cores: int) -> None:
                           "encoder ms", "kNN search ms", "score ms (search + ld-domain)", "publish ms",
                           "around / encoder", "RTF"], rows))
 
+    enc = {name: r for name, r in enc.items() if "ort" in r}
+    if not enc:
+        return
     print("\n### Encoder latency per window (median ms, batch 1): ONNX Runtime vs PyTorch eager\n")
     threads = sorted({1, cores})
     headers = ["encoder"]
@@ -233,13 +297,15 @@ def print_tables(results: dict[str, Any], cores: int) -> None:
     print("\n### FLOPs per window and share of the float32 matmul peak (ORT fp32)\n")
     rows = []
     for name, r in enc.items():
-        row = [name, r["flops"] / 1e9]
+        front = f"{100 * r['frontend_flops'] / r['flops']:.0f} % / " + " / ".join(
+            f"{100 * v:.0f} %" for v in r["frontend_time_share"].values()) if "frontend_flops" in r else ""
+        row = [name, r["flops"] / 1e9, front]
         for t in threads:
             ms = r["ort"]["fp32"][str(t)]["median_ms"]
             gflops = r["flops"] / (ms / 1e3) / 1e9
             row += [gflops, f"{100 * gflops / results['peak_gflops'][t]:.1f} %"]
         rows.append(row)
-    headers = ["encoder", "GFLOP / window"]
+    headers = ["encoder", "GFLOP / window", "front-end: FLOPs / ORT time " + " / ".join(f"{t}t" for t in threads)]
     for t in threads:
         headers += [f"GFLOP/s {t}t", f"of peak {t}t"]
     print(benchlib.table(headers, rows))

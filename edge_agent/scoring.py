@@ -37,7 +37,8 @@ class ScoringConfig:
     ld_reduce: str = "mean"  # b(y) = mean (default) or sum of the K distances
     k_source: int = 16  # `ld-domain`: K_S
     k_target: int = 9  # `ld-domain`: K_T
-    candidates: int = 64  # HNSW candidates for min_y d(x, y) / b(y) on large banks
+    # HNSW candidates for min_y d(x, y) / b(y) on large banks; 128: docs/benchmarks.md (ld-domain study)
+    candidates: int = 128
     exact_below: int = DEFAULT_EXACT_BELOW  # banks with fewer refs use exact search
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
