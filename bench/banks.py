@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--ratio-refs", type=int, default=10_000)
     parser.add_argument("--mn04-refs", type=int, default=1500, help="real mn04 embeddings (0: skip)")
     parser.add_argument("--skip-sizes", action="store_true")
+    parser.add_argument("--json-name", default="banks", help="file name (without .json) under --json-dir")
     parser.add_argument("--print-json", type=Path, default=None, help="re-print the tables of a saved run")
     benchlib.add_common_arguments(parser)
     args = parser.parse_args()
@@ -230,7 +231,7 @@ def main() -> None:
             refs, queries, ms, 16, params)
     results["ratio"] = ratio
     print_tables(results)
-    benchlib.write_json("banks", results, args.json_dir)
+    benchlib.write_json(args.json_name, results, args.json_dir)
 
 
 def index_gb(n: int, dim: int, kind: str, m: int) -> float:
@@ -244,7 +245,7 @@ def index_gb(n: int, dim: int, kind: str, m: int) -> float:
 
 def print_tables(results: dict[str, Any]) -> None:
     if "sizes" in results:
-        print("\n### Exact vs HNSW search (k = 1; ms per query; memory = RSS growth)\n")
+        print("\n### Exact vs HNSW search (k = 1; ms per query; index size computed, see index_gb)\n")
         rows = []
         for r in results["sizes"]:
             if "skipped" in r:

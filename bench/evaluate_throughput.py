@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+import numpy as np
 
 from edge_agent.dcase import scan_dataset
+from edge_agent.encoder import Encoder
 from edge_agent.evaluate import embed_dataset, score_embeddings
 from edge_agent.scoring import ScoringConfig
 from edge_agent.synthetic import synthesize_dataset
@@ -49,6 +51,16 @@ def run_once(model: Path, root: Path, batch: int) -> dict[str, float]:
     return {"clips": n, "embed_s": t1 - t0, "score_s": t2 - t1, "clips_per_s": n / (t2 - t0),
             "embed_ms_per_clip": 1e3 * (t1 - t0) / n, "score_ms_per_clip": 1e3 * (t2 - t1) / n,
             "official": float(result.summary.official) if hasattr(result, "summary") else float("nan")}
+
+
+def encoder_alone(model: Path, batches: list[int], repeats: int) -> dict[int, float]:
+    """ms per clip of the ONNX encoder alone (random windows, all cores) at each batch size."""
+    enc = Encoder(model)
+    out = {}
+    for batch in batches:
+        windows = np.random.default_rng(0).standard_normal((batch, enc.info.window_samples)).astype(np.float32) * 0.1
+        out[batch] = float(np.median(benchlib.timings(lambda w=windows: enc.embed(w), repeats)) * 1e3 / batch)
+    return out
 
 
 def best_of(model: Path, root: Path, batch: int, repeats: int) -> dict[str, float]:
@@ -79,6 +91,7 @@ def main() -> None:
                                n_test_per_class=n_test, seed=0)
             roots[size] = root
         middle = sizes[len(sizes) // 2]
+        results["encoder_ms_per_clip"] = encoder_alone(model, batches, max(5, args.repeats * 3))
         for batch in batches:
             results["by_batch"][batch] = best_of(model, roots[middle], batch, args.repeats)
             print(f"done batch {batch}: {results['by_batch'][batch]}", flush=True)
@@ -88,9 +101,9 @@ def main() -> None:
             print(f"done size {size}: {results['by_size'][size]}", flush=True)
 
     print(f"\n### evaluate throughput, {args.model}, {middle}-clip set, by batch size\n")
-    print(benchlib.table(["batch", "clips", "embed ms/clip", "score ms/clip", "clips/s"],
-                         [[b, r["clips"], r["embed_ms_per_clip"], r["score_ms_per_clip"], r["clips_per_s"]]
-                          for b, r in results["by_batch"].items()]))
+    print(benchlib.table(["batch", "clips", "embed ms/clip", "of which encoder alone", "score ms/clip", "clips/s"],
+                         [[b, r["clips"], r["embed_ms_per_clip"], results["encoder_ms_per_clip"][b],
+                           r["score_ms_per_clip"], r["clips_per_s"]] for b, r in results["by_batch"].items()]))
     print(f"\n### evaluate cost by dataset size, {args.model}, batch 8\n")
     print(benchlib.table(["clips", "embed s", "score s", "embed ms/clip", "score ms/clip", "clips/s"],
                          [[r["clips"], r["embed_s"], r["score_s"], r["embed_ms_per_clip"], r["score_ms_per_clip"],
