@@ -78,6 +78,14 @@ def run_agent(config: Path) -> dict[str, Any]:
             "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
+def import_rss_mb() -> float:
+    """Peak RSS of a process that only imports the agent (numpy, onnxruntime, edge_agent)."""
+    proc = subprocess.Popen([str(benchlib.REPO / ".venv" / "bin" / "python"), "-c",
+                             "import edge_agent.cli, edge_agent.daemon"])
+    _, _, usage = os.wait4(proc.pid, 0)
+    return usage.ru_maxrss / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mn04,ced-tiny")
@@ -86,7 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     info = benchlib.machine()
     print(f"machine: {benchlib.machine_line(info)}\n", flush=True)
-    results: dict[str, Any] = {"machine": info, "demo_seconds": args.demo_seconds, "models": {}}
+    results: dict[str, Any] = {"machine": info, "demo_seconds": args.demo_seconds, "models": {},
+                               "import_only_rss_mb": import_rss_mb()}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data, recording = tmp / "data", tmp / "recording.wav"
@@ -118,6 +127,8 @@ def main() -> None:
     print(benchlib.table(["encoder", "windows", "fast: wall s", "fast: peak RSS MB", "realtime: peak RSS MB",
                           "realtime: latency ms median", "p95", "max", "fast: latency ms median (queued)"],
                          rows))
+    print(f"\nimports only (python -c 'import edge_agent.cli, edge_agent.daemon'): peak RSS "
+          f"{results['import_only_rss_mb']:.1f} MB")
     benchlib.write_json("agent_memory", results, args.json_dir)
 
 
