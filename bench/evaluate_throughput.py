@@ -21,6 +21,7 @@ from typing import Any
 
 import benchlib
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from edge_agent.dcase import scan_dataset
 from edge_agent.encoder import Encoder
@@ -75,13 +76,21 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--json-dir", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=2, help="runs per point (the fastest is reported)")
+    parser.add_argument("--blas-threads", type=int, default=1, help="numpy/OpenBLAS threads; 1 is what the "
+                        "edge-agent CLI sets (OPENBLAS_NUM_THREADS), more shows the oversubscription")
     args = parser.parse_args()
+    with threadpool_limits(args.blas_threads):
+        run_study(args)
+
+
+def run_study(args: argparse.Namespace) -> None:
     info = benchlib.machine()
     print(f"machine: {benchlib.machine_line(info)}\n", flush=True)
     model = benchlib.model_path(args.model)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     batches = [int(b) for b in args.batches.split(",") if b]
-    results: dict[str, Any] = {"machine": info, "model": args.model, "by_batch": {}, "by_size": {}}
+    results: dict[str, Any] = {"machine": info, "model": args.model, "blas_threads": args.blas_threads,
+                               "by_batch": {}, "by_size": {}}
     with tempfile.TemporaryDirectory() as tmp:
         roots = {}
         for size in sizes:
@@ -100,7 +109,8 @@ def main() -> None:
                                         else best_of(model, roots[size], 8, args.repeats))
             print(f"done size {size}: {results['by_size'][size]}", flush=True)
 
-    print(f"\n### evaluate throughput, {args.model}, {middle}-clip set, by batch size\n")
+    print(f"\n### evaluate throughput, {args.model}, {middle}-clip set, by batch size, "
+          f"{args.blas_threads} BLAS thread(s)\n")
     print(benchlib.table(["batch", "clips", "embed ms/clip", "of which encoder alone", "score ms/clip", "clips/s"],
                          [[b, r["clips"], r["embed_ms_per_clip"], results["encoder_ms_per_clip"][b],
                            r["score_ms_per_clip"], r["clips_per_s"]] for b, r in results["by_batch"].items()]))
@@ -108,7 +118,7 @@ def main() -> None:
     print(benchlib.table(["clips", "embed s", "score s", "embed ms/clip", "score ms/clip", "clips/s"],
                          [[r["clips"], r["embed_s"], r["score_s"], r["embed_ms_per_clip"], r["score_ms_per_clip"],
                            r["clips_per_s"]] for r in results["by_size"].values()]))
-    benchlib.write_json(f"evaluate_throughput_{args.model}", results, args.json_dir)
+    benchlib.write_json(f"evaluate_throughput_{args.model}_blas{args.blas_threads}", results, args.json_dir)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Before numpy loads: ONNX Runtime's thread pool owns the cores. numpy's OpenBLAS threads (resampling,
+# exact kNN) spinning beside it made every window ~2.4x slower on 2 cores (docs/benchmarks.md,
+# "thread oversubscription"). An explicit OPENBLAS_NUM_THREADS in the environment still wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
 import logging
