@@ -46,7 +46,14 @@ def machine() -> dict[str, Any]:
     for package in ("onnxruntime", "torch", "hnswlib", "onnx"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1),
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
+                for i in threadpool_info()]
+    except ImportError:
+        blas = []
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1), "blas": blas,
             "load_1m": round(os.getloadavg()[0], 2), "kernel": platform.release(), "versions": versions,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -54,8 +61,9 @@ def machine() -> dict[str, Any]:
 def machine_line(info: dict[str, Any]) -> str:
     v = info["versions"]
     libs = ", ".join(f"{k} {val}" for k, val in v.items())
+    blas = f" (BLAS: {', '.join(info['blas'])})" if info.get("blas") else ""
     return (f"{info['cpu']} ({', '.join(info['isa'])}), {info['cores']} cores, {info['mem_gib']} GiB; "
-            f"{libs}; load(1m) at start {info['load_1m']}; {info['date_utc']}")
+            f"{libs}{blas}; load(1m) at start {info['load_1m']}; {info['date_utc']}")
 
 
 def timings(fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> np.ndarray:
