@@ -100,7 +100,7 @@ def export_model(
         _torch_to_onnx(model, fp32_tmp)
         _write_metadata(fp32_tmp, info)
         max_rel = verify_against_torch(model, fp32_tmp, seed) if verify else None
-        if verify and max_rel is not None and max_rel > MAX_REL_ERROR:
+        if verify and max_rel is not None and not max_rel <= MAX_REL_ERROR:  # NaN fails too
             raise ExportError(
                 f"{name}: ONNX output differs from PyTorch by {max_rel:.3g} (relative) > {MAX_REL_ERROR:g}"
             )
@@ -115,6 +115,9 @@ def export_model(
                 _quantize_int8(fp32_tmp, final_tmp, scopes)
             _write_metadata(final_tmp, info)
             reduced_error = compare_onnx(fp32_tmp, final_tmp, info.window_samples, seed)
+            if not np.isfinite(reduced_error):
+                raise ExportError(f"{name}: the {precision} model gives non-finite outputs (fp16 overflow?); "
+                                  "not written")
             ms, fp32_ms = cpu_ms_per_window(final_tmp, info), cpu_ms_per_window(fp32_tmp, info)
         os.chmod(final_tmp, 0o644)  # mkstemp files are private; a model is not a secret
         os.replace(final_tmp, target)
