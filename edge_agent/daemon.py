@@ -8,7 +8,7 @@ Threads:
   enroll            rebuilds a target bank off the inference thread when an `enroll` finishes
   main              signals, control messages (config push, commands), state, sd_notify watchdog
 
-Everything a config determines (encoders, banks, scorers, sources) lives in one `Runtime`. A new
+Everything a config determines (encoders, banks, scorers, sources) lives in one `Runtime` (runtime.py). A new
 config (push, SIGHUP, `reload`) is built completely beside the running one; only when every part
 built is the runtime reference swapped. Any error leaves the old runtime running.
 """
@@ -19,297 +19,36 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import queue
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import yaml
 
-from edge_agent import __version__
-from edge_agent.alerts import AlertContext, EpisodeTracker, command_result, config_result, iso_time, score_payload
-from edge_agent.bank import MemoryBank, MixupSpec
-from edge_agent.config import (
-    AgentConfig,
-    LoggingConfig,
-    SourceConfig,
-    load_config,
-    load_default_config,
-    parse_config,
-    write_config_atomic,
-)
-from edge_agent.encoder import Encoder
-from edge_agent.enrollment import enroll_bank, enroll_ensemble
-from edge_agent.ensemble_bank import ENSEMBLE_JSON, EnsembleBank, load_bank_for
+from edge_agent.agent_state import agent_state, collect_gauges, describe_metrics, state_signature
+from edge_agent.alerts import command_result, config_result, iso_time, score_payload
+from edge_agent.config import AgentConfig, load_config, load_default_config, parse_config, write_config_atomic
+from edge_agent.enroll_job import EnrollJob, build_target_bank, collect_enroll
 from edge_agent.errors import ConfigError, EdgeAsdError
+from edge_agent.logging_setup import setup_logging
 from edge_agent.metrics import Metrics, MetricsServer
-from edge_agent.model_set import ModelSet
-from edge_agent.mqtt import MqttPublisher, homeassistant_discovery
-from edge_agent.scoring import EnsembleScorer, Scorer, ScoringConfig
+from edge_agent.outputs import JsonlOutputs, MqttOutputs, Outputs
+from edge_agent.runtime import Runtime, SourcePipeline, bank_stamp, build_runtime
+from edge_agent.scoring import EnsembleScorer
 from edge_agent.sdnotify import SystemdNotifier
-from edge_agent.sources import AudioSource, Window, make_source
-from edge_agent.spool import Spool
+from edge_agent.sources import Window
 
 log = logging.getLogger("edge_agent.daemon")
 
 BATCH_MAX = 8  # windows embedded in one ONNX call when several are waiting
 STATE_REFRESH_SECONDS = 60.0
-# Fields of a source whose change needs a new capture; any other change keeps the running capture.
-CAPTURE_FIELDS = ("type", "path", "realtime", "loop", "device", "sample_rate", "channels", "channel",
-                  "block_seconds", "buffer_seconds", "window_seconds", "hop_seconds", "speed",
-                  "stall_seconds", "retry_initial_seconds", "retry_max_seconds")
 # Sections that a running agent cannot change in place; they apply at the next start.
 RESTART_FIELDS = ("node", "state_dir", "mqtt", "spool", "output", "metrics", "logging", "queue_windows")
-
-
-# --- outputs -----------------------------------------------------------------------------------------
-
-
-class Outputs(Protocol):
-    def start(self) -> None: ...
-    def publish_alert(self, source: str, payload: dict[str, Any]) -> None: ...
-    def publish_score(self, source: str, payload: dict[str, Any]) -> None: ...
-    def publish_config_result(self, payload: dict[str, Any]) -> None: ...
-    def publish_command_result(self, payload: dict[str, Any]) -> None: ...
-    def set_state(self, state: dict[str, Any]) -> None: ...
-    def set_sources(self, runtime: Runtime) -> None: ...
-    def stop(self, status: str) -> None: ...
-
-
-class MqttOutputs:
-    def __init__(self, cfg: AgentConfig, on_message: Any):
-        self.spool = Spool(cfg.spool_dir, cfg.spool.max_messages, cfg.spool.max_bytes)
-        self.publisher = MqttPublisher(cfg, self.spool, on_message)
-        self.topics = self.publisher.topics
-
-    def start(self) -> None:
-        self.publisher.start()
-
-    def publish_alert(self, source: str, payload: dict[str, Any]) -> None:
-        self.publisher.publish_alert(source, payload)
-
-    def publish_score(self, source: str, payload: dict[str, Any]) -> None:
-        self.publisher.publish_score(source, payload)
-
-    def publish_config_result(self, payload: dict[str, Any]) -> None:
-        self.publisher.publish_result(self.topics.config_result, payload)
-
-    def publish_command_result(self, payload: dict[str, Any]) -> None:
-        self.publisher.publish_result(self.topics.cmd_result, payload)
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.publisher.set_state(state)
-
-    def set_sources(self, runtime: Runtime) -> None:
-        mcfg = self.publisher.mcfg
-        if mcfg.homeassistant:
-            sources = [(p.cfg.name, p.cfg.publish_scores) for p in runtime.pipelines.values()]
-            self.publisher.set_discovery(homeassistant_discovery(self.topics, mcfg.discovery_prefix, sources,
-                                                                 runtime.models.model_id))
-
-    def stop(self, status: str) -> None:
-        self.publisher.stop(status)
-
-
-class JsonlOutputs:
-    """No broker configured: alerts appended to a JSONL file (fsynced) and printed on stdout."""
-
-    def __init__(self, cfg: AgentConfig):
-        self.path = cfg.jsonl_path
-        self.stdout = cfg.output.stdout
-        self._lock = threading.Lock()
-        self._handle: Any = None
-
-    def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
-
-    def _write(self, payload: dict[str, Any], to_file: bool) -> None:
-        line = json.dumps(payload, separators=(",", ":"))
-        with self._lock:
-            if to_file and self._handle is not None:
-                self._handle.write(line + "\n")
-                self._handle.flush()
-                os.fsync(self._handle.fileno())
-            if self.stdout:
-                print(line, flush=True)
-
-    def publish_alert(self, source: str, payload: dict[str, Any]) -> None:
-        self._write(payload, to_file=True)
-
-    def publish_score(self, source: str, payload: dict[str, Any]) -> None:
-        self._write(payload, to_file=False)
-
-    def publish_config_result(self, payload: dict[str, Any]) -> None:
-        log.info("event=config_result %s", json.dumps(payload))
-
-    def publish_command_result(self, payload: dict[str, Any]) -> None:
-        log.info("event=command_result %s", json.dumps(payload))
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        pass
-
-    def set_sources(self, runtime: Runtime) -> None:
-        pass
-
-    def stop(self, status: str) -> None:
-        with self._lock:
-            if self._handle is not None:
-                self._handle.close()
-                self._handle = None
-
-
-# --- runtime: everything a config builds -----------------------------------------------------------
-
-
-@dataclass
-class EnrollJob:
-    windows: int
-    request_id: str | None
-    # per model (one entry without an ensemble): {layer: [batches of embeddings]}
-    embeddings: list[dict[str, list[np.ndarray]]] = field(default_factory=list)
-    collected: int = 0
-
-
-@dataclass
-class SourcePipeline:
-    cfg: SourceConfig
-    index: int
-    source: AudioSource
-    bank: MemoryBank | EnsembleBank  # an EnsembleBank when the config has `models`
-    bank_id: str
-    scoring: ScoringConfig
-    scorer: Scorer | EnsembleScorer
-    threshold: float
-    threshold_origin: str  # "config" | "bank"
-    tracker: EpisodeTracker
-    context: AlertContext
-    enroll: EnrollJob | None = None
-    bank_stamp: tuple[int, int, int] | None = None
-    last_score: float | None = None
-    last_window: float | None = None
-
-
-@dataclass
-class Runtime:
-    cfg: AgentConfig
-    models: ModelSet  # one encoder, or the members of an ensemble
-    pipelines: dict[str, SourcePipeline]
-    fresh_sources: list[AudioSource]  # built for this runtime, not yet started
-
-    @property
-    def encoder(self) -> Encoder:
-        """The (first) encoder."""
-        return self.models.encoders[0]
-
-
-def build_models(cfg: AgentConfig, previous: Runtime | None) -> ModelSet:
-    if previous is not None and previous.cfg.model_configs == cfg.model_configs:
-        return previous.models
-    encoders = []
-    for key, mcfg in zip(cfg.model_keys, cfg.model_configs, strict=True):
-        try:
-            encoders.append(Encoder(mcfg.path, providers=tuple(mcfg.providers),
-                                    intra_op_threads=mcfg.intra_op_threads, allow_spinning=False))
-        except EdgeAsdError as exc:
-            raise ConfigError(f"{key}.path", str(exc), source=cfg.source_file) from None
-    try:
-        return ModelSet(encoders)
-    except ConfigError as exc:
-        raise ConfigError(exc.path, str(exc).split(": ", 1)[-1], source=cfg.source_file) from None
-
-
-def fit_scorer(bank: MemoryBank | EnsembleBank, scoring: ScoringConfig) -> Scorer | EnsembleScorer:
-    if isinstance(bank, EnsembleBank):
-        return EnsembleScorer([Scorer.fit(member, scoring) for member in bank.banks])
-    return Scorer.fit(bank, scoring)
-
-
-def member_banks(bank: MemoryBank | EnsembleBank) -> list[MemoryBank]:
-    return bank.banks if isinstance(bank, EnsembleBank) else [bank]
-
-
-def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
-    """Build every part of `cfg`, reusing unchanged parts of `previous`; raises, never half-builds."""
-    models = build_models(cfg, previous)
-    pipelines: dict[str, SourcePipeline] = {}
-    fresh: list[AudioSource] = []
-    for i, src in enumerate(cfg.sources):
-        at = f"sources[{i}]"
-        try:
-            scoring = ScoringConfig.from_dict(_scoring_dict(src.scoring), path=f"{at}.scoring")
-        except ConfigError as exc:
-            raise ConfigError(exc.path, str(exc).split(": ", 1)[-1], source=cfg.source_file) from None
-        except TypeError as exc:
-            raise ConfigError(f"{at}.scoring", str(exc), source=cfg.source_file) from None
-        old = previous.pipelines.get(src.name) if previous is not None else None
-        stamp = bank_stamp(src.bank)
-        if old is not None and old.cfg.bank == src.bank and old.bank_stamp == stamp and old.scoring == scoring \
-                and old.context.model == models.model_id:
-            bank, scorer, bank_id = old.bank, old.scorer, old.bank_id
-        else:
-            try:
-                assert src.bank is not None  # parse_config requires it
-                bank = load_bank_for(src.bank, models.members)
-                scorer = fit_scorer(bank, scoring)
-            except ConfigError as exc:
-                raise ConfigError(f"{at}.{exc.path}", str(exc).split(": ", 1)[-1], exc.value,
-                                  source=cfg.source_file) from None
-            except EdgeAsdError as exc:
-                raise ConfigError(f"{at}.bank", str(exc), source=cfg.source_file) from None
-            bank_id = bank.content_hash()[:12]
-        threshold, origin = _threshold(src, bank, at, cfg.source_file)
-        context = AlertContext(node=cfg.node, source=src.name, model=models.model_id, bank=bank_id,
-                               threshold=threshold)
-        same_rate = old is not None and old.source.model_rate == models.capture_rate
-        if old is not None and same_rate and _capture_key(old.cfg) == _capture_key(src):
-            source = old.source
-        else:
-            source = make_source(src, models.capture_rate)
-            fresh.append(source)
-        tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
-        pipelines[src.name] = SourcePipeline(src, i, source, bank, bank_id, scoring, scorer, threshold, origin,
-                                             tracker, context, bank_stamp=stamp)
-    return Runtime(cfg, models, pipelines, fresh)
-
-
-def bank_stamp(directory: Path | None) -> tuple[int, int, int] | None:
-    """Identity of the bank on disk: a save swaps in a new directory, so bank.json (ensemble.json for
-    an ensemble bank) changes inode."""
-    if directory is None:
-        return None
-    for name in (ENSEMBLE_JSON, "bank.json"):
-        try:
-            st = os.stat(Path(directory) / name)
-        except OSError:
-            continue
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-    return None
-
-
-def _scoring_dict(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: (tuple(v) if k == "layers" and isinstance(v, list) else v) for k, v in data.items()}
-
-
-def _threshold(src: SourceConfig, bank: MemoryBank | EnsembleBank, at: str, file: str) -> tuple[float, str]:
-    if src.threshold is not None:
-        return float(src.threshold), "config"
-    value = (bank.threshold or {}).get("value")
-    if not isinstance(value, (int, float)):
-        raise ConfigError(f"{at}.threshold", f"bank {src.bank} has no calibrated threshold; set one here",
-                          source=file)
-    return float(value), "bank"
-
-
-def _capture_key(src: SourceConfig) -> tuple[Any, ...]:
-    return tuple(getattr(src, name) for name in CAPTURE_FIELDS)
 
 
 # --- the agent -------------------------------------------------------------------------------------
@@ -510,19 +249,8 @@ class Agent:
 
     def _collect_enroll(self, pipeline: SourcePipeline, embs: list[dict[str, np.ndarray]]) -> None:
         """embs: per model (the bank's members, in order) the embeddings of this batch's windows."""
-        job = pipeline.enroll
-        if job is None:
-            return
-        take = min(job.windows - job.collected, next(iter(embs[0].values())).shape[0])
-        banks = member_banks(pipeline.bank)
-        if not job.embeddings:
-            job.embeddings = [{} for _ in banks]
-        for bank, emb, parts in zip(banks, embs, job.embeddings, strict=True):
-            for layer in bank.layers:
-                parts.setdefault(layer, []).append(emb[layer][:take])
-        job.collected += take
-        if job.collected >= job.windows:
-            pipeline.enroll = None
+        job = collect_enroll(pipeline, embs)
+        if job is not None:
             threading.Thread(target=self._finish_enroll, args=(pipeline.cfg.name, job), name="enroll",
                              daemon=True).start()
 
@@ -538,28 +266,8 @@ class Agent:
 
     def _rebuild_target(self, name: str, job: EnrollJob) -> dict[str, Any]:
         pipeline = self.runtime.pipelines[name]
-        old = pipeline.bank
-        assert pipeline.cfg.bank is not None  # parse_config requires it
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        names = {"source": old.names["source"], "target": [f"enroll_{stamp}_{i:04d}" for i in range(job.windows)]}
-        ecfg = pipeline.cfg.enroll
-        mixup = MixupSpec(ecfg.memmixup_lambda, ecfg.memmixup_k) if ecfg.memmixup else None
-        # Every member keeps its source refs and gets its own embeddings of the same recorded windows.
-        embeddings = [{"source": {layer: bank.get_raw(layer, "source") for layer in bank.layers},
-                       "target": {layer: np.concatenate(parts) for layer, parts in collected.items()}}
-                      for bank, collected in zip(member_banks(old), job.embeddings, strict=True)]
-        loaded: MemoryBank | EnsembleBank
-        scorer: Scorer | EnsembleScorer
-        if isinstance(old, EnsembleBank):
-            ensemble = enroll_ensemble(pipeline.cfg.bank, old.models, embeddings, names, pipeline.scoring,
-                                       mixup=mixup, threshold_method=ecfg.threshold_method,
-                                       threshold_quantile=ecfg.threshold_quantile)
-            loaded, scorer, threshold = ensemble.bank, ensemble.scorer, ensemble.threshold
-        else:
-            enrolled = enroll_bank(pipeline.cfg.bank, old.info, embeddings[0], names, pipeline.scoring,
-                                   self.runtime.encoder.model_sha256, mixup=mixup,
-                                   threshold_method=ecfg.threshold_method, threshold_quantile=ecfg.threshold_quantile)
-            loaded, scorer, threshold = enrolled.bank, enrolled.scorer, enrolled.threshold
+        target = build_target_bank(pipeline, job, self.runtime.encoder.model_sha256)
+        loaded, scorer, threshold, mixup = target.bank, target.scorer, target.threshold, target.mixup
         bank_id = loaded.content_hash()[:12]
         with self._lock:
             current = self.runtime.pipelines.get(name)
@@ -730,37 +438,11 @@ class Agent:
     # --- state and metrics -------------------------------------------------------------------------
 
     def state(self, status: str = "online") -> dict[str, Any]:
-        runtime = self.runtime
-        models = runtime.models
-        sources = []
-        degraded = False
-        for p in runtime.pipelines.values():
-            health = p.source.health.as_dict()
-            degraded |= health["state"] in ("lost", "failed")
-            sources.append({
-                "name": p.cfg.name, "type": p.cfg.type,
-                "bank": {"id": p.bank_id, "path": str(p.cfg.bank), "created_at": p.bank.created_at,
-                         "counts": {"source": p.bank.count_raw("source"), "target": p.bank.count_raw("target")}},
-                "threshold": p.threshold, "threshold_origin": p.threshold_origin,
-                "episode": p.tracker.episode.event_id if p.tracker.episode is not None else None,
-                "enrolling": p.enroll is not None,
-                "health": health,
-            })
-        state: dict[str, Any] = {
-            "schema_version": 1, "node": self.cfg.node, "status": status, "version": __version__,
-            "started_at": iso_time(self.started_at), "updated_at": iso_time(time.time()),
-            "config_hash": runtime.cfg.config_hash,
-            "model": _model_state(models),
-            "sources": sources,
-            "health": "degraded" if degraded else "ok",
-        }
-        if isinstance(self.outputs, MqttOutputs):
-            state["spool"] = {"pending": len(self.outputs.spool), "dropped": self.outputs.spool.dropped}
-        return state
+        return agent_state(self.runtime, self.cfg.node, self.started_at, self.outputs, status)
 
     def _publish_state(self, force: bool = False, status: str = "online") -> None:
         state = self.state(status)
-        signature = _state_signature(state)
+        signature = state_signature(state)
         now = time.monotonic()
         if not force and signature == self._state_sig and now - self._state_sent < STATE_REFRESH_SECONDS:
             return
@@ -774,57 +456,11 @@ class Agent:
         self.outputs.set_state(state)
 
     def _describe_metrics(self) -> None:
-        m = self.metrics
-        m.describe("edge_agent_windows_total", "Windows scored, per source")
-        m.describe("edge_agent_stage_seconds", "Per-stage processing time (queue, resample, embed, score, decide)")
-        m.describe("edge_agent_window_latency_seconds", "Window complete -> decision published")
-        m.describe("edge_agent_last_score", "Anomaly score of the last window")
-        m.describe("edge_agent_threshold", "Decision threshold in use")
-        m.describe("edge_agent_alerts_total", "Alert events emitted, per source and type")
-        m.describe("edge_agent_spool_messages", "Messages waiting in the on-disk spool")
-        m.describe("edge_agent_spool_bytes", "Bytes waiting in the on-disk spool")
-        m.describe("edge_agent_spool_dropped_total", "Spooled messages dropped because the spool was full")
-        m.describe("edge_agent_capture_overflows_total", "Capture overruns (audio lost before windowing)")
-        m.describe("edge_agent_dropped_windows_total", "Windows dropped because inference fell behind")
-        m.describe("edge_agent_broker_connected", "1 while connected to the MQTT broker")
-        m.describe("edge_agent_source_up", "1 while the source delivers audio")
-        m.describe("edge_agent_episode_active", "1 while an alert episode is open")
-        m.add_collector(self._collect_gauges)
+        describe_metrics(self.metrics)
+        self.metrics.add_collector(self._collect_gauges)
 
     def _collect_gauges(self, m: Metrics) -> None:
-        for p in self.runtime.pipelines.values():
-            name = p.cfg.name
-            health = p.source.health
-            m.set("edge_agent_threshold", p.threshold, source=name)
-            m.set_counter("edge_agent_capture_overflows_total", health.overflows, source=name)
-            m.set_counter("edge_agent_dropped_windows_total", health.dropped_windows, source=name)
-            m.set("edge_agent_source_up", 1.0 if health.state == "running" else 0.0, source=name)
-            m.set("edge_agent_episode_active", 1.0 if p.tracker.episode is not None else 0.0, source=name)
-        if isinstance(self.outputs, MqttOutputs):
-            m.set("edge_agent_spool_messages", len(self.outputs.spool))
-            m.set("edge_agent_spool_bytes", self.outputs.spool.bytes)
-            m.set_counter("edge_agent_spool_dropped_total", self.outputs.spool.dropped)
-            m.set("edge_agent_broker_connected", 1.0 if self.outputs.publisher.connected else 0.0)
-
-
-def _model_state(models: ModelSet) -> dict[str, Any]:
-    """The state's `model`: the encoder itself, or for an ensemble its id, the capture rate and the
-    longest member window at that rate; `members` lists every encoder either way."""
-    members = models.describe()
-    if not models.is_ensemble:
-        return {**members[0], "members": members}
-    rate = models.capture_rate
-    seconds = max(e.info.window_samples / e.info.sample_rate for e in models.encoders)
-    providers = list(dict.fromkeys(p for m in members for p in m["providers"]))
-    return {"id": models.model_id, "family": "ensemble", "variant": "+".join(e.info.variant for e in models.encoders),
-            "sample_rate": rate, "window_samples": round(seconds * rate), "providers": providers,
-            "members": members}
-
-
-def _state_signature(state: dict[str, Any]) -> str:
-    slim = {k: v for k, v in state.items() if k not in ("updated_at", "spool")}
-    slim["sources"] = [{**s, "health": s["health"]["state"]} for s in state["sources"]]
-    return json.dumps(slim, sort_keys=True, default=str)
+        collect_gauges(m, self.runtime, self.outputs)
 
 
 def _unwrap_config(payload: bytes) -> tuple[str | None, str]:
@@ -847,51 +483,6 @@ def _jsonable(value: object) -> object:
         return value
     except (TypeError, ValueError):
         return repr(value)
-
-
-# --- logging ---------------------------------------------------------------------------------------
-
-
-class _KeyValueFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
-        if record.exc_info:
-            line += " traceback=" + json.dumps(self.formatException(record.exc_info))
-        return line
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {"ts": iso_time(record.created), "level": record.levelname.lower(),
-                                "logger": record.name}
-        message = record.getMessage()
-        fields = _parse_kv(message)
-        data.update(fields if fields else {"msg": message})
-        if record.exc_info:
-            data["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
-
-
-def _parse_kv(message: str) -> dict[str, str]:
-    out = {}
-    for part in message.split(" "):
-        key, sep, value = part.partition("=")
-        if not sep or not key.isidentifier():
-            return {}
-        out[key] = value
-    return out
-
-
-def setup_logging(cfg: LoggingConfig) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if cfg.format == "json" else _KeyValueFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(cfg.level.upper())
-    logging.getLogger("edge_agent.paho").setLevel(max(logging.INFO, root.level))
 
 
 # --- entry points ----------------------------------------------------------------------------------

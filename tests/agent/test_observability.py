@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import LoggingConfig
-from edge_agent.daemon import setup_logging
+from edge_agent.logging_setup import setup_logging
 from edge_agent.metrics import Metrics, MetricsServer
 from edge_agent.sdnotify import SystemdNotifier
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import parse_config
-from edge_agent.daemon import build_runtime
 from edge_agent.errors import ConfigError
+from edge_agent.runtime import build_runtime
 
 from .agent_helpers import build_bank
 
