@@ -24,10 +24,11 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import hnswlib
 import numpy as np
@@ -43,6 +44,7 @@ DOMAINS: tuple[str, str] = ("source", "target")
 BANK_JSON = "bank.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _LOAD_ATTEMPTS = 5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -277,30 +279,7 @@ class MemoryBank:
         ONNX file's hash, refused if the bank records a different one.
         """
         path = Path(directory)
-        bank: MemoryBank | None = None
-        for attempt in range(_LOAD_ATTEMPTS):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            except FileNotFoundError:
-                if attempt + 1 < _LOAD_ATTEMPTS and _swap_in_progress(path):
-                    time.sleep(0.05)
-                    continue
-                raise BankError(f"{path}: no memory bank there (directory missing)") from None
-            except NotADirectoryError:
-                raise BankError(f"{path}: not a directory") from None
-            except OSError as exc:
-                raise BankError(f"{path}: cannot open the bank: {exc.strerror}") from None
-            try:
-                bank = _Reader(path, fd).read()
-                break
-            except BankError:
-                # A save swapped the directory while we read it: read the new one from the start.
-                if attempt + 1 < _LOAD_ATTEMPTS and _replaced(path, fd):
-                    continue
-                raise
-            finally:
-                os.close(fd)
-        assert bank is not None
+        bank = read_directory_consistently(path, lambda fd: _Reader(path, fd).read(), "memory bank")
         if expect is not None:
             expect.require_compatible(bank.info, f"memory bank {path}")
             for layer in bank.layers:
@@ -509,11 +488,28 @@ def swap_directory_into_place(new: Path, dest: Path) -> None:
     _swap_into_place(new, dest)
 
 
-def directory_replaced(path: Path, fd: int) -> bool:
-    """True if `path` no longer names the directory open as `fd` (a save swapped it meanwhile)."""
-    return _replaced(path, fd)
-
-
-def swap_in_progress(path: Path) -> bool:
-    """True while a save without atomic exchange has moved the old `path` aside (see _swap_into_place)."""
-    return _swap_in_progress(path)
+def read_directory_consistently(path: Path, read: Callable[[int], T], what: str) -> T:
+    """Call read(fd) on the directory `path` opened as fd; if a save swapped the directory while it was
+    read (the read raised BankError and `path` now names another directory), read the new one again."""
+    for attempt in range(_LOAD_ATTEMPTS):
+        last = attempt + 1 == _LOAD_ATTEMPTS
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            if not last and _swap_in_progress(path):
+                time.sleep(0.05)
+                continue
+            raise BankError(f"{path}: no {what} there (directory missing)") from None
+        except NotADirectoryError:
+            raise BankError(f"{path}: not a directory") from None
+        except OSError as exc:
+            raise BankError(f"{path}: cannot open the {what}: {exc.strerror}") from None
+        try:
+            return read(fd)
+        except BankError:
+            if not last and _replaced(path, fd):
+                continue
+            raise
+        finally:
+            os.close(fd)
+    raise BankError(f"{path}: changed on every read attempt")  # pragma: no cover - the loop returns or raises

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +29,9 @@ from edge_agent.bank import (
     BANK_JSON,
     DOMAINS,
     MemoryBank,
-    directory_replaced,
     fsync_path,
+    read_directory_consistently,
     swap_directory_into_place,
-    swap_in_progress,
     write_file_synced,
 )
 from edge_agent.errors import BankError, EdgeAsdError, ModelMismatchError
@@ -44,7 +42,6 @@ from edge_agent.scoring import Scorer
 ENSEMBLE_JSON = "ensemble.json"
 FORMAT_VERSION = 1
 KIND = "ensemble"
-_LOAD_ATTEMPTS = 5
 
 
 def is_ensemble_bank(path: str | os.PathLike[str]) -> bool:
@@ -190,28 +187,7 @@ def load_ensemble(directory: str | os.PathLike[str], models: Sequence[MemberMode
     with the member bank; a missing or extra model is a ModelMismatchError naming ensemble.json.
     """
     path = Path(directory)
-    for attempt in range(_LOAD_ATTEMPTS):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            if attempt + 1 < _LOAD_ATTEMPTS and swap_in_progress(path):
-                time.sleep(0.05)
-                continue
-            raise BankError(f"{path}: no ensemble bank there (directory missing)") from None
-        except NotADirectoryError:
-            raise BankError(f"{path}: not a directory") from None
-        except OSError as exc:
-            raise BankError(f"{path}: cannot open the bank: {exc.strerror}") from None
-        try:
-            return _load_once(path, fd, models)
-        except BankError:
-            # A save swapped the ensemble while we read it: read the new one from the start.
-            if attempt + 1 < _LOAD_ATTEMPTS and directory_replaced(path, fd):
-                continue
-            raise
-        finally:
-            os.close(fd)
-    raise BankError(f"{path}: changed on every read attempt")  # pragma: no cover - loop always returns/raises
+    return read_directory_consistently(path, lambda fd: _load_once(path, fd, models), "ensemble bank")
 
 
 def _load_once(path: Path, fd: int, models: Sequence[MemberModel]) -> EnsembleBank:
