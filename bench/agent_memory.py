@@ -81,7 +81,7 @@ def run_agent(config: Path) -> dict[str, Any]:
 def import_rss_mb() -> float:
     """Peak RSS of a process that only imports the agent (numpy, onnxruntime, edge_agent)."""
     proc = subprocess.Popen([str(benchlib.REPO / ".venv" / "bin" / "python"), "-c",
-                             "import edge_agent.cli, edge_agent.daemon"])
+                             "import edge_agent.cli, edge_agent.agent.daemon"])
     _, _, usage = os.wait4(proc.pid, 0)
     return usage.ru_maxrss / 1024
 
@@ -127,7 +127,7 @@ def main() -> None:
     print(benchlib.table(["encoder", "windows", "fast: wall s", "fast: peak RSS MB", "realtime: peak RSS MB",
                           "realtime: latency ms median", "p95", "max", "fast: latency ms median (queued)"],
                          rows))
-    print(f"\nimports only (python -c 'import edge_agent.cli, edge_agent.daemon'): peak RSS "
+    print(f"\nimports only (python -c 'import edge_agent.cli, edge_agent.agent.daemon'): peak RSS "
           f"{results['import_only_rss_mb']:.1f} MB")
     benchlib.write_json("agent_memory", results, args.json_dir)
 

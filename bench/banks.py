@@ -5,7 +5,7 @@
 
 Study A (per N x D): build time, query time at batch 1 (median per query) and batch 256 (per
 query), recall@1 of HNSW against exact search, resident memory added by the index. Both indexes
-are the runtime's (edge_agent.knn), with the scoring defaults (M 16, ef_construction 200,
+are the runtime's (edge_agent.scoring.knn), with the scoring defaults (M 16, ef_construction 200,
 ef_search 256, one build thread). Banks that do not fit in memory are skipped with the number;
 an HNSW build that would exceed --build-budget seconds is time-boxed: the insertion rate of its
 last chunk is extrapolated to the full size and labelled as such.
@@ -31,8 +31,8 @@ import benchlib
 import hnswlib
 import numpy as np
 
-from edge_agent.knn import ExactIndex, HnswIndex, HnswParams, cap_k
-from edge_agent.normalizers import floor_b, min_ratio
+from edge_agent.scoring.knn import ExactIndex, HnswIndex, HnswParams, cap_k
+from edge_agent.scoring.normalizers import floor_b, min_ratio
 
 BATCH_MANY = 256
 QUERIES_1 = 30
@@ -175,8 +175,8 @@ def ratio_agreement(refs: np.ndarray, queries: np.ndarray, ms: list[int], k: int
 
 def mn04_embeddings(n_refs: int, n_queries: int) -> tuple[np.ndarray, np.ndarray, str]:
     """layer_11 of the real mn04 on synthetic fan/pump/gearbox source-domain clips (normal)."""
-    from edge_agent.encoder import Encoder
-    from edge_agent.synthetic import machine_type, normal_sound
+    from edge_agent.evaluation.synthetic import machine_type, normal_sound
+    from edge_agent.model.encoder import Encoder
 
     enc = Encoder(benchlib.model_path("mn04"), providers=("cpu",))
     layer = enc.info.default_layers[0]

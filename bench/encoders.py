@@ -31,12 +31,13 @@ import benchlib
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from edge_agent.alerts import AlertContext, score_payload
-from edge_agent.bank import MemoryBank
-from edge_agent.encoder import Encoder
-from edge_agent.resample import resample
-from edge_agent.scoring import Scorer, ScoringConfig
-from edge_agent.windowing import fit_to_window
+from edge_agent.agent.episodes import AlertContext, score_payload
+from edge_agent.audio.resample import resample
+from edge_agent.audio.windowing import fit_to_window
+from edge_agent.model.encoder import Encoder
+from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.scorer import BankScorer
 
 CAPTURE_RATE = 48_000
 WINDOW_SECONDS = 10.0
@@ -58,17 +59,17 @@ def capture(seconds: float, seed: int = 0) -> np.ndarray:
     return (0.1 * rng.standard_normal(t.size) + 0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
 
 
-def build_scorer(enc: Encoder, n_refs: int) -> tuple[Scorer, float]:
+def build_scorer(enc: Encoder, n_refs: int) -> tuple[BankScorer, float]:
     layers = enc.info.default_layers
     src = {layer: clustered(n_refs, enc.info.dim(layer), i) for i, layer in enumerate(layers)}
     tgt = {layer: clustered(TARGET_REFS, enc.info.dim(layer), 100 + i) for i, layer in enumerate(layers)}
     bank = MemoryBank(enc.info, {"source": src, "target": tgt})
     t0 = time.perf_counter()
-    scorer = Scorer.fit(bank, ScoringConfig(layers=layers))
+    scorer = BankScorer.fit(bank, ScoringConfig(layers=layers))
     return scorer, time.perf_counter() - t0
 
 
-def stage_times(name: str, enc: Encoder, scorer: Scorer, repeats: int, out_file: Any) -> dict[str, Any]:
+def stage_times(name: str, enc: Encoder, scorer: BankScorer, repeats: int, out_file: Any) -> dict[str, Any]:
     audio = capture(WINDOW_SECONDS)
     window = fit_to_window(resample(audio, CAPTURE_RATE, enc.info.sample_rate), enc.info.window_samples)
     emb = enc.embed(window[None])

@@ -3,7 +3,7 @@
     .venv/bin/python bench/evaluate_throughput.py [--model mn04] [--sizes 50,200,800]
                                                  [--batches 1,8,32] [--json-dir bench/results]
 
-Datasets come from edge_agent.synthetic (the generator behind `edge-agent synth`; three machine
+Datasets come from edge_agent.evaluation.synthetic (the generator behind `edge-agent synth`; three machine
 types, 16 kHz 10 s clips) in a temporary directory. Two phases are timed separately, the same calls
 `edge-agent evaluate` makes: embed (read WAV, resample, ONNX encoder, batch of clips per call) and
 score (fit banks + normalizer per section, score test clips, DCASE metrics). Batch sizes are
@@ -23,11 +23,11 @@ import benchlib
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from edge_agent.dcase import scan_dataset
-from edge_agent.encoder import Encoder
-from edge_agent.evaluate import embed_dataset, score_embeddings
-from edge_agent.scoring import ScoringConfig
-from edge_agent.synthetic import synthesize_dataset
+from edge_agent.evaluation.dcase import scan_dataset
+from edge_agent.evaluation.evaluate import embed_dataset, score_embeddings
+from edge_agent.evaluation.synthetic import synthesize_dataset
+from edge_agent.model.encoder import Encoder
+from edge_agent.scoring.config import ScoringConfig
 
 MACHINES = ("fan", "pump", "gearbox")
 

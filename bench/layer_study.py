@@ -15,10 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_agent.encoder import Encoder
-from edge_agent.evaluate import embed_dataset, score_embeddings
-from edge_agent.normalizers import NORMALIZERS
-from edge_agent.scoring import ScoringConfig
+from edge_agent.evaluation.evaluate import embed_dataset, score_embeddings
+from edge_agent.model.encoder import Encoder
+from edge_agent.scoring.config import NORMALIZERS, ScoringConfig
 
 
 def study(model: Path, dataset: Path, layer_sets: list[tuple[str, ...]], normalizers: list[str]) -> dict:

@@ -12,9 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_agent.evaluate import embed_dataset, score_embeddings
-from edge_agent.normalizers import NORMALIZERS
-from edge_agent.scoring import ScoringConfig
+from edge_agent.evaluation.evaluate import embed_dataset, score_embeddings
+from edge_agent.scoring.config import NORMALIZERS, ScoringConfig
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Resampler cost per 10 s window: the current edge_agent.resample against an earlier git revision.
+"""Resampler cost per 10 s window: the current edge_agent.audio.resample against an earlier git revision.
 
     .venv/bin/python bench/resample.py [--baseline 4cebf07] [--json-dir bench/results]
 
@@ -23,7 +23,7 @@ import benchlib
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from edge_agent.resample import resample
+from edge_agent.audio.resample import resample
 
 PAIRS = ((48_000, 32_000), (48_000, 16_000), (16_000, 32_000), (44_100, 16_000), (44_100, 32_000))
 

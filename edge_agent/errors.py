@@ -1,5 +1,7 @@
 """Exceptions with messages an operator can act on: each names the file, key path or value at fault."""
 
+from __future__ import annotations
+
 
 class EdgeAsdError(Exception):
     """Base class for errors the CLI reports as one clear line (no traceback)."""
@@ -22,15 +24,40 @@ class AudioError(EdgeAsdError):
 
 
 class ConfigError(EdgeAsdError):
-    """A configuration value is invalid; the message names the key path and the value."""
+    """A configuration value is invalid: where (`source` file, key `path`), what (`message`), and the `value`.
+
+    A nested config validates with paths relative to itself; whoever placed it puts its location in
+    front with `under` (and names the file with `in_source`), so nothing is re-parsed from the text.
+    """
 
     def __init__(self, path: str, message: str, value: object = None, source: str | None = None):
         self.path = path
+        self.message = message
         self.value = value
         self.source = source
-        where = f"{source}: " if source else ""
-        shown = f" (got {value!r})" if value is not None else ""
-        super().__init__(f"{where}{path}: {message}{shown}")
+        super().__init__(path, message, value, source)
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        shown = f" (got {self.value!r})" if self.value is not None else ""
+        return f"{where}{self.path}: {self.message}{shown}"
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error for a config that sits at key path `prefix`."""
+        if not prefix:
+            return self
+        joined = f"{prefix}{self.path}" if self.path.startswith("[") else f"{prefix}.{self.path}"
+        return ConfigError(joined, self.message, self.value, self.source)
+
+    def relocated(self, section: str, prefix: str) -> ConfigError:
+        """The same error for config section `section` (the first part of `path`) found at `prefix` instead."""
+        if self.path == section or self.path.startswith((f"{section}.", f"{section}[")):
+            return ConfigError(prefix + self.path[len(section):], self.message, self.value, self.source)
+        return self.under(prefix)
+
+    def in_source(self, source: str) -> ConfigError:
+        """The same error, naming the file (or message) the config came from."""
+        return ConfigError(self.path, self.message, self.value, source)
 
 
 class DatasetError(EdgeAsdError):

@@ -6,6 +6,7 @@ built with a different model. All values are strings in ONNX; lists are comma-se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from edge_agent.errors import ModelMetadataError, ModelMismatchError
@@ -129,3 +130,17 @@ def _join(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return str(value)
+
+
+@dataclass(frozen=True)
+class MemberModel:
+    """What identifies one encoder of a model set: banks record it and are checked against it on load."""
+
+    info: ModelInfo
+    model_sha256: str
+    model_id: str  # "<variant>-<sha12>"
+
+
+def ensemble_id(model_ids: Sequence[str]) -> str:
+    """The id alerts and state carry: the model id itself for one model, joined by '+' for several."""
+    return "+".join(model_ids)

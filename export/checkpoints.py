@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from edge_agent.hashing import sha256_file
+from edge_agent.fsutil import sha256_file
 from export.base import CheckpointError
 
 WEIGHTS_DIR_ENV = "EDGE_ASD_WEIGHTS_DIR"

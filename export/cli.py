@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.errors import EdgeAsdError
+from edge_agent.model_info import POOLINGS
 from export.base import CheckpointError
 from export.checkpoints import WEIGHTS_DIR_ENV
 from export.onnx_export import QUANTIZE_MODES, ExportError, ExportResult, export_model
-from export.pooling import POOLINGS
 from export.registry import families
 
 

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edge_agent.model_info import POOLINGS
 from export.base import CheckpointError, ExportableEncoder
 from export.checkpoints import OfficialWeights
 from export.mel_efficientat import N_MELS, SAMPLE_RATE, MelEfficientAT, num_frames
-from export.pooling import POOLINGS, cnn_map_to_grid, pool_grid, pooled_dim
+from export.pooling import cnn_map_to_grid, pool_grid, pooled_dim
 
 FAMILY = "efficientat"
 WIDTHS = {"mn04": 0.4, "mn05": 0.5, "mn10": 1.0, "mn20": 2.0, "mn30": 3.0, "mn40": 4.0}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-POOLINGS = ("time-mean", "spatial", "spectral")
+from edge_agent.model_info import POOLINGS
 
 
 def pool_grid(grid: torch.Tensor, mode: str) -> torch.Tensor:

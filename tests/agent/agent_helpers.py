@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,12 +21,13 @@ import paho.mqtt.client as paho
 from onnx import TensorProto, helper
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.bank import MemoryBank
-from edge_agent.calibration import calibrate
-from edge_agent.encoder import Encoder
+from edge_agent.audio.wavio import write_wav
+from edge_agent.model.encoder import Encoder
 from edge_agent.model_info import ModelInfo
-from edge_agent.scoring import Scorer, ScoringConfig
-from edge_agent.wavio import write_wav
+from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.calibration import calibrate
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.scorer import BankScorer
 
 RATE = 8000  # the toy encoder's rate; its window is one second
 WINDOW = RATE
@@ -75,7 +77,7 @@ def build_bank(model: Path, bank_dir: Path, source_windows: int = 24, amplitude:
     if target is not None:
         embeddings["target"] = encoder.embed(target.reshape(-1, WINDOW))
     bank = MemoryBank(encoder.info, embeddings)
-    scorer = Scorer.fit(bank, ScoringConfig(normalizer="ld-domain"))
+    scorer = BankScorer.fit(bank, ScoringConfig(normalizer="ld-domain"))
     threshold = calibrate(scorer.loo_scores(), "gamma", 0.99)
     scorer.save(bank_dir, threshold=threshold, model_sha256=encoder.model_sha256)
     return MemoryBank.load(bank_dir, expect=encoder.info)
@@ -187,9 +189,72 @@ class Watcher:
 
 
 def agent_command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "edge_agent.daemon", "--config", str(config)]
+    return [sys.executable, "-m", "edge_agent", "run", "--config", str(config)]
 
 
 def start_agent(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the process
     return subprocess.Popen(agent_command(config), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+NODE = "node-a"
+PREFIX = "edge-asd"
+BASE = f"{PREFIX}/{NODE}"
+
+
+def write_config(tmp: Path, model: Path, bank: Path, port: int, wav: Path, *, realtime: bool, loop: bool,
+                 speed: float = 1.0, extra_source: str = "", extra: str = "", mqtt_extra: str = "") -> Path:
+    path = tmp / "agent.yaml"
+    path.write_text(f"""
+node: {NODE}
+state_dir: {tmp / "state"}
+model:
+  path: {model}
+sources:
+  - name: fan
+    type: file
+    path: {wav}
+    realtime: {str(realtime).lower()}
+    speed: {speed}
+    loop: {str(loop).lower()}
+    bank: {bank}
+    window_seconds: 1
+    hop_seconds: 1
+    hysteresis: {{raise_after: 2, clear_after: 2, update_every: 2}}
+{extra_source}
+mqtt:
+  host: 127.0.0.1
+  port: {port}
+  reconnect_min_seconds: 1
+  reconnect_max_seconds: 1
+{mqtt_extra}
+metrics:
+  enabled: false
+{extra}
+""")
+    return path
+
+
+def alerts(watcher: Watcher) -> list[dict[str, Any]]:
+    return watcher.on(f"{BASE}/fan/alert")
+
+
+def stop_agent(proc: subprocess.Popen[bytes], log: Path) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"agent did not stop on SIGTERM; log:\n{log.read_text()}") from None
+
+
+def wait_for_log(path: Path, predicate: Callable[[str], bool], timeout: float = 30.0, what: str = "") -> str:
+    """Poll a log file until `predicate(text)` holds; the timeout names what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if predicate(text):
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; log tail:\n{text[-3000:]}")
+        time.sleep(0.05)

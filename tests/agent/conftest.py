@@ -40,7 +40,7 @@ def watcher(broker: Mosquitto) -> Iterator[Watcher]:
 
 
 def load_schema(name: str) -> dict:
-    return json.loads(resources.files("edge_agent").joinpath("schemas", f"{name}.json").read_text())
+    return json.loads(resources.files("edge_agent.agent").joinpath("schemas", f"{name}.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,10 @@ import uuid
 
 import pytest
 
-from edge_agent.alerts import AlertContext, EpisodeTracker, iso_time, score_payload
-from edge_agent.config import HysteresisConfig
+from edge_agent.agent.config import HysteresisConfig
+from edge_agent.agent.episodes import EpisodeTracker
+from edge_agent.agent.payloads import AlertContext, score_payload
+from edge_agent.clock import iso_time
 
 
 def _tracker(raise_after: int = 2, clear_after: int = 3, update_every: int = 100) -> EpisodeTracker:

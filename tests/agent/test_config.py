@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_agent.config import (
+from edge_agent.agent.config import (
     AgentConfig,
     load_config,
     load_default_config,

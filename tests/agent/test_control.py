@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from edge_agent.bank import MemoryBank
-from edge_agent.wavio import write_wav
+from edge_agent.audio.wavio import write_wav
+from edge_agent.scoring.bank import MemoryBank
 
-from .agent_helpers import Mosquitto, Watcher, noise, start_agent, write_anomaly_wav
-from .test_mqtt_agent import BASE, stop_agent, write_config
+from .agent_helpers import BASE, Mosquitto, Watcher, noise, start_agent, stop_agent, write_anomaly_wav, write_config
 
 
 def _scores(watcher: Watcher) -> list[dict]:

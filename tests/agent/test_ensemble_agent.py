@@ -12,18 +12,20 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
-from edge_agent.config import load_config
-from edge_agent.daemon import Agent
-from edge_agent.encoder import Encoder
-from edge_agent.enrollment import enroll_ensemble
-from edge_agent.ensemble_bank import ENSEMBLE_JSON, load_ensemble
+from edge_agent.agent.config import load_config
+from edge_agent.agent.daemon import Agent
+from edge_agent.audio.wavio import read_wav, write_wav
 from edge_agent.errors import ConfigError
+from edge_agent.model.encoder import Encoder
+from edge_agent.model.model_set import ModelSet
 from edge_agent.model_info import ModelInfo
-from edge_agent.model_set import ModelSet
-from edge_agent.scoring import EnsembleScorer, Scorer, ScoringConfig
-from edge_agent.wavio import read_wav, write_wav
+from edge_agent.scoring.bank_set import ENSEMBLE_JSON, load_banks
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.enrollment import enroll
+from edge_agent.scoring.scorer import BankScorer, Scorer
 
 from .agent_helpers import (
+    BASE,
     RATE,
     REPO,
     Mosquitto,
@@ -32,9 +34,10 @@ from .agent_helpers import (
     build_bank,
     noise,
     start_agent,
+    stop_agent,
     write_anomaly_wav,
+    write_config,
 )
-from .test_mqtt_agent import BASE, stop_agent, write_config
 
 WIDE_RATE = 16000  # the second encoder's rate: one-second windows of 16000 samples
 
@@ -76,8 +79,7 @@ def build_ensemble_bank(models: list[Path], bank_dir: Path, windows: int = 24, a
     clips = noise(windows, amplitude, seed).reshape(windows, RATE)
     embs = model_set.embed(model_set.prepare([(c, RATE) for c in clips]))
     names = {"source": [f"noise_{i:03d}" for i in range(windows)]}
-    enroll_ensemble(bank_dir, model_set.members, [{"source": e} for e in embs], names,
-                    ScoringConfig(normalizer="ld-domain"))
+    enroll(bank_dir, model_set.members, [{"source": e} for e in embs], names, ScoringConfig(normalizer="ld-domain"))
 
 
 def _agent_config(tmp_path: Path, models: list[Path], bank: Path, wav: Path, extra: str = "") -> Path:
@@ -115,7 +117,7 @@ def test_agent_with_two_models_scores_the_mean_and_alerts_to_jsonl(tmp_path: Pat
     encoders = [Encoder(p) for p in models]
     model_id = "+".join(e.model_id for e in encoders)
     assert {s["model"] for s in scores} == {model_id} and {a["model"] for a in alerts} == {model_id}
-    ensemble = load_ensemble(bank, ModelSet(encoders).members)
+    ensemble = load_banks(bank, ModelSet(encoders).members)
     assert scores[0]["threshold"] == pytest.approx(ensemble.threshold["value"])
     assert [s["over"] for s in scores] == [4 <= i < 8 for i in range(12)]
     assert [a["type"] for a in alerts][0::max(1, len(alerts) - 1)] == ["new", "end"]
@@ -126,10 +128,10 @@ def test_agent_with_two_models_scores_the_mean_and_alerts_to_jsonl(tmp_path: Pat
     windows = [(audio[i * rate:(i + 1) * rate], rate) for i in range(12)]
     model_set = ModelSet(encoders)
     embs = model_set.embed(model_set.prepare(windows))
-    scorers = [Scorer.fit(b, ScoringConfig()) for b in ensemble.banks]
+    scorers = [BankScorer.fit(b, ScoringConfig()) for b in ensemble.banks]
     members = [s.score(e) for s, e in zip(scorers, embs, strict=True)]
     np.testing.assert_allclose([s["score"] for s in scores], np.mean(members, axis=0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(EnsembleScorer(scorers).score(embs), np.mean(members, axis=0))
+    np.testing.assert_allclose(Scorer(scorers).score(embs), np.mean(members, axis=0))
     assert not np.allclose(members[0], members[1])
 
 
@@ -203,7 +205,7 @@ def test_enroll_over_mqtt_rebuilds_every_member_and_recalibrates_the_ensemble(
     doc["models"] = [{"path": str(p)} for p in models]
     cfg.write_text(yaml.safe_dump(doc))
     member_set = ModelSet([Encoder(p) for p in models])
-    before_bank = load_ensemble(bank, member_set.members)
+    before_bank = load_banks(bank, member_set.members)
     log = tmp_path / "agent.log"
     proc = start_agent(cfg, log)
     scores_topic = f"{BASE}/fan/score"
@@ -216,14 +218,14 @@ def test_enroll_over_mqtt_rebuilds_every_member_and_recalibrates_the_ensemble(
         validators["cmd_result"].validate(result)
         assert result["ok"] is True, result
 
-        after_bank = load_ensemble(bank, member_set.members)
+        after_bank = load_banks(bank, member_set.members)
         assert [b.count_raw("target") for b in after_bank.banks] == [6, 6]
         assert after_bank.banks[0].names == after_bank.banks[1].names
         assert after_bank.threshold["value"] != before_bank.threshold["value"]
         assert result["result"]["bank"] == after_bank.content_hash()[:12]
         assert result["result"]["calibrated_threshold"] == pytest.approx(after_bank.threshold["value"])
         # the recalibrated threshold is the one of the mean leave-one-out scores
-        loo = EnsembleScorer([Scorer.fit(b, ScoringConfig()) for b in after_bank.banks]).loo_scores()
+        loo = Scorer([BankScorer.fit(b, ScoringConfig()) for b in after_bank.banks]).loo_scores()
         assert after_bank.threshold["n"] == loo.size == 24 + 6
         doc_after = json.loads((bank / ENSEMBLE_JSON).read_text())
         assert not [p for p in bank.iterdir() if p.name not in

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import sounddevice
 
-from edge_agent.config import SourceConfig, parse_config
-from edge_agent.daemon import Agent
-from edge_agent.resample import resample
-from edge_agent.sdnotify import SystemdNotifier
-from edge_agent.sources import MicSource, Window
+from edge_agent.agent.config import SourceConfig, parse_config
+from edge_agent.agent.daemon import Agent
+from edge_agent.agent.sdnotify import SystemdNotifier
+from edge_agent.agent.sources import MicSource
+from edge_agent.audio.resample import resample
+from edge_agent.audio.windowing import Window
 
 from .agent_helpers import noise
 
@@ -145,7 +146,7 @@ def test_absent_then_lost_device_is_reported_and_recovered(device: FakeDevice,
     device.signal = lambda n: np.full((n, 2), 0.1, dtype=np.float32)
     windows: list[Window] = []
     source = MicSource(_mic_cfg(), model_rate=8000)
-    caplog.set_level(logging.WARNING, logger="edge_agent.sources")
+    caplog.set_level(logging.WARNING, logger="edge_agent.agent.sources")
     source.start(lambda w: windows.append(w) or True)
     try:
         _wait(lambda: source.health.state == "running" and len(windows) >= 2, what="recovery after absence")
@@ -226,9 +227,11 @@ metrics: {{port: 0}}
         assert ready and received.index(ready[0]) < received.index(b"WATCHDOG=1")
         assert any(m.startswith(b"STATUS=ok: 1 source(s)") for m in received)
         pipeline = agent.runtime.pipelines["mic"]
-        _wait(lambda: agent.metrics.counter("edge_agent_windows_total", source="mic") >= 4, what="scored windows")
+        sample = agent.metrics.registry.get_sample_value
+        _wait(lambda: (sample("edge_agent_windows_total", {"source": "mic"}) or 0) >= 4, what="scored windows")
         assert pipeline.tracker.episode is None, "quiet normal audio must not raise an alert"
-        assert pipeline.last_score is not None and pipeline.last_score < pipeline.threshold
+        last_score = sample("edge_agent_last_score", {"source": "mic"})
+        assert last_score is not None and last_score < pipeline.threshold
         loud["on"] = True
         alerts_file = tmp_path / "state" / "alerts.jsonl"
         _wait(lambda: alerts_file.exists() and '"type":"new"' in alerts_file.read_text(), what="an alert")
@@ -245,7 +248,7 @@ metrics: {{port: 0}}
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'edge_agent_windows_total{source="mic"}' in text
         assert 'edge_agent_alerts_total{source="mic",type="new"} 1' in text
-        assert 'edge_agent_stage_seconds_bucket{stage="embed",le="+Inf"}' in text
+        assert 'edge_agent_stage_seconds_bucket{le="+Inf",stage="embed"}' in text
         assert 'edge_agent_source_up{source="mic"} 1' in text
     finally:
         agent.request_stop("test")

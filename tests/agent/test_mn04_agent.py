@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.bank import MemoryBank
-from edge_agent.calibration import calibrate
-from edge_agent.encoder import Encoder
-from edge_agent.scoring import Scorer, ScoringConfig
-from edge_agent.wavio import write_wav
+from edge_agent.audio.wavio import write_wav
+from edge_agent.model.encoder import Encoder
+from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.calibration import calibrate
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.scorer import BankScorer
 
 from .agent_helpers import Mosquitto, Watcher, noise, start_agent
 
@@ -22,7 +23,7 @@ def test_mn04_agent_publishes_schema_valid_episode(tmp_path: Path, mn04_random_o
     encoder = Encoder(mn04_random_onnx)
     normal = noise(80, 0.05, seed=5, rate=RATE).reshape(8, 10 * RATE)
     bank = MemoryBank(encoder.info, {"source": encoder.embed(normal)})
-    scorer = Scorer.fit(bank, ScoringConfig())
+    scorer = BankScorer.fit(bank, ScoringConfig())
     scorer.save(tmp_path / "bank", threshold=calibrate(scorer.loo_scores()), model_sha256=encoder.model_sha256)
     audio = noise(60, 0.05, seed=6, rate=RATE)
     t = np.arange(20 * RATE) / RATE

@@ -2,63 +2,27 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-from .agent_helpers import Mosquitto, Watcher, start_agent, write_anomaly_wav
-
-NODE = "node-a"
-PREFIX = "edge-asd"
-BASE = f"{PREFIX}/{NODE}"
-
-
-def write_config(tmp: Path, model: Path, bank: Path, port: int, wav: Path, *, realtime: bool, loop: bool,
-                 speed: float = 1.0, extra_source: str = "", extra: str = "", mqtt_extra: str = "") -> Path:
-    path = tmp / "agent.yaml"
-    path.write_text(f"""
-node: {NODE}
-state_dir: {tmp / "state"}
-model:
-  path: {model}
-sources:
-  - name: fan
-    type: file
-    path: {wav}
-    realtime: {str(realtime).lower()}
-    speed: {speed}
-    loop: {str(loop).lower()}
-    bank: {bank}
-    window_seconds: 1
-    hop_seconds: 1
-    hysteresis: {{raise_after: 2, clear_after: 2, update_every: 2}}
-{extra_source}
-mqtt:
-  host: 127.0.0.1
-  port: {port}
-  reconnect_min_seconds: 1
-  reconnect_max_seconds: 1
-{mqtt_extra}
-metrics:
-  enabled: false
-{extra}
-""")
-    return path
+from .agent_helpers import (
+    BASE,
+    Mosquitto,
+    Watcher,
+    alerts,
+    start_agent,
+    stop_agent,
+    wait_for_log,
+    write_anomaly_wav,
+    write_config,
+)
 
 
-def alerts(watcher: Watcher) -> list[dict[str, Any]]:
-    return watcher.on(f"{BASE}/fan/alert")
-
-
-def stop_agent(proc: subprocess.Popen[bytes], log: Path) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"agent did not stop on SIGTERM; log:\n{log.read_text()}") from None
+def _alerts_after(log_text: str, marker: str) -> int:
+    """Alert events logged after the last line containing `marker` (0 if there is none)."""
+    lines = log_text.splitlines()
+    last = max((i for i, line in enumerate(lines) if marker in line), default=None)
+    return 0 if last is None else sum("event=alert " in line for line in lines[last + 1:])
 
 
 def check_episodes_complete_and_ordered(events: list[dict[str, Any]]) -> list[str]:
@@ -128,18 +92,21 @@ def test_broker_outage_and_agent_restart_lose_no_alert(tmp_path: Path, toy_model
     try:
         watcher.wait_for(lambda m: any(p["type"] == "end" for p in alerts(watcher)), what="a first episode")
         broker.stop()  # the agent keeps detecting while the broker is gone
-        time.sleep(3.0)
+        wait_for_log(log, lambda text: _alerts_after(text, "event=mqtt_disconnected") >= 2,
+                     what="alerts detected while the broker is down")
         broker.start()
         watcher.wait_for(lambda m: any(p["replayed"] for p in alerts(watcher)), what="replayed alerts")
         # the agent is stopped and started again while the broker is down
         broker.stop()
-        time.sleep(2.0)
+        wait_for_log(log, lambda text: _alerts_after(text, "event=mqtt_disconnected") >= 2,
+                     what="alerts detected while the broker is down again")
         assert stop_agent(proc, log) == 0, log.read_text()
         spool = tmp_path / "state" / "spool" / "messages.log"
         assert spool.exists() and spool.stat().st_size > 0, "nothing was spooled while the broker was down"
         before_restart = len(alerts(watcher))
         proc = start_agent(cfg, log)
-        time.sleep(2.0)
+        wait_for_log(log, lambda text: _alerts_after(text, "event=started") >= 2,
+                     what="alerts detected by the restarted agent before the broker is back")
         broker.start()
         watcher.wait_for(lambda m: sum(1 for p in alerts(watcher)[before_restart:] if p["replayed"]) >= 3,
                          what="alerts spooled across the agent restart")

@@ -12,10 +12,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from .agent_helpers import Mosquitto, Watcher, start_agent, write_anomaly_wav
-from .test_mqtt_agent import write_config
-
-BASE = "edge-asd/node-a"
+from .agent_helpers import BASE, Mosquitto, Watcher, start_agent, write_anomaly_wav, write_config
 
 
 def _openssl(*args: str, cwd: Path) -> None:

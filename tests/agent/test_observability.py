@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -11,23 +12,23 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.config import LoggingConfig
-from edge_agent.logging_setup import setup_logging
-from edge_agent.metrics import Metrics, MetricsServer
-from edge_agent.sdnotify import SystemdNotifier
+from edge_agent.agent.metrics import AgentMetrics, MetricsServer
+from edge_agent.agent.sdnotify import SystemdNotifier
+from edge_agent.logs import get_logger, setup_logging
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_metrics_text_exposition_over_loopback_http() -> None:
-    metrics = Metrics()
-    metrics.describe("edge_agent_windows_total", "Windows scored")
-    metrics.inc("edge_agent_windows_total", source="fan")
-    metrics.inc("edge_agent_windows_total", 2, source="fan")
-    metrics.set("edge_agent_last_score", 0.25, source='we"ird')
-    metrics.observe("edge_agent_stage_seconds", 0.02, stage="embed")
-    metrics.add_collector(lambda m: m.set("edge_agent_spool_messages", 7))
+    metrics = AgentMetrics()
+    metrics.windows.labels(source="fan").inc()
+    metrics.windows.labels(source="fan").inc(2)
+    metrics.last_score.labels(source='we"ird').set(0.25)
+    metrics.stage_seconds.labels(stage="embed").observe(0.02)
+    metrics.add_collector(lambda: [GaugeMetricFamily("edge_agent_spool_messages", "waiting", value=7)])
     server = MetricsServer(metrics, "127.0.0.1", 0)
     server.start()
     try:
@@ -38,14 +39,17 @@ def test_metrics_text_exposition_over_loopback_http() -> None:
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
     finally:
         server.stop()
-    assert "# HELP edge_agent_windows_total Windows scored" in text
-    assert "# TYPE edge_agent_windows_total counter" in text
-    assert 'edge_agent_windows_total{source="fan"} 3' in text
-    assert 'edge_agent_last_score{source="we\\"ird"} 0.25' in text
-    assert 'edge_agent_stage_seconds_bucket{stage="embed",le="0.025"} 1' in text
-    assert 'edge_agent_stage_seconds_bucket{stage="embed",le="0.01"} 0' in text
-    assert 'edge_agent_stage_seconds_count{stage="embed"} 1' in text
-    assert "edge_agent_spool_messages 7" in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert families["edge_agent_windows"].type == "counter"
+    assert families["edge_agent_windows"].documentation == "Windows scored, per source"
+    assert samples[("edge_agent_windows_total", (("source", "fan"),))] == 3
+    assert samples[("edge_agent_last_score", (("source", 'we"ird'),))] == 0.25
+    assert samples[("edge_agent_stage_seconds_bucket", (("le", "0.025"), ("stage", "embed")))] == 1
+    assert samples[("edge_agent_stage_seconds_bucket", (("le", "0.01"), ("stage", "embed")))] == 0
+    assert samples[("edge_agent_stage_seconds_count", (("stage", "embed"),))] == 1
+    assert samples[("edge_agent_spool_messages", ())] == 7
+    assert not any(name.endswith("_created") for name, _ in samples)
 
 
 def test_sd_notify_to_a_path_socket_and_watchdog_env(tmp_path: Path) -> None:
@@ -63,20 +67,36 @@ def test_sd_notify_to_a_path_socket_and_watchdog_env(tmp_path: Path) -> None:
     assert SystemdNotifier({"WATCHDOG_USEC": "5", "WATCHDOG_PID": "1"}).watchdog_seconds is None
 
 
-def test_logs_are_key_value_or_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+def _parse_kv(line: str) -> dict[str, object]:
+    """A key=value line back into fields: bare values, or JSON strings for quoted ones."""
+    out: dict[str, object] = {}
+    for match in re.finditer(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)', line):
+        key, value = match.groups()
+        out[key] = json.loads(value) if value.startswith('"') else value
+    return out
+
+
+def test_logs_are_key_value_or_json_lines_built_from_fields(capsys: pytest.CaptureFixture[str]) -> None:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    log = get_logger("edge_agent.test")
+    awkward = 'no audio frames for 5s; path="/a b/c=d" \\ done'
     try:
-        setup_logging(LoggingConfig(level="info", format="json"))
-        logging.getLogger("edge_agent.test").info("event=alert source=%s score=%.1f", "fan", 2.5)
+        setup_logging("info", "json")
+        log.info("alert", source="fan", score=2.5, reason=awkward)
         line = capsys.readouterr().err.strip().splitlines()[-1]
         data = json.loads(line)
-        assert data["event"] == "alert" and data["source"] == "fan" and data["score"] == "2.5"
+        assert data["event"] == "alert" and data["source"] == "fan" and data["score"] == 2.5
+        assert data["reason"] == awkward
         assert data["level"] == "info" and data["ts"].endswith("Z")
-        setup_logging(LoggingConfig(level="info", format="kv"))
-        logging.getLogger("edge_agent.test").warning("event=device_lost source=%s", "mic")
+        setup_logging("info", "kv")
+        log.warning("device_lost", source="mic", reason=awkward)
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert line.startswith("ts=") and "level=warning" in line and "event=device_lost source=mic" in line
+        fields = _parse_kv(line)
+        assert fields["reason"] == awkward and fields["event"] == "device_lost" and fields["source"] == "mic"
+        logging.getLogger("some.library").warning("plain text = with spaces")
+        assert _parse_kv(capsys.readouterr().err.strip().splitlines()[-1])["msg"] == "plain text = with spaces"
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)

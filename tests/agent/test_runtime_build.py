@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import parse_config
+from edge_agent.agent.config import parse_config
+from edge_agent.agent.runtime import build_runtime
 from edge_agent.errors import ConfigError
-from edge_agent.runtime import build_runtime
 
 from .agent_helpers import build_bank
 
@@ -49,7 +49,7 @@ def test_unchanged_parts_are_reused_and_a_rebuilt_bank_is_reloaded(tmp_path: Pat
                                                                   bank_dir: Path) -> None:
     first = build_runtime(_cfg(tmp_path, toy_model, bank_dir), None)
     again = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", threshold: 5.0"), first)
-    assert again.encoder is first.encoder
+    assert again.models is first.models
     assert again.pipelines["fan"].bank is first.pipelines["fan"].bank
     assert again.pipelines["fan"].source is first.pipelines["fan"].source and again.fresh_sources == []
     assert again.pipelines["fan"].threshold == 5.0 and again.pipelines["fan"].threshold_origin == "config"

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.config import SourceConfig
-from edge_agent.sources import FileSource, RingBuffer, StdinSource, Window, Windower, make_source
-from edge_agent.wavio import write_wav
+from edge_agent.agent.config import SourceConfig
+from edge_agent.agent.sources import FileSource, RingBuffer, StdinSource, make_source
+from edge_agent.audio.wavio import write_wav
+from edge_agent.audio.windowing import Window, Windower
 
 
 def _cfg(**changes: object) -> SourceConfig:
@@ -87,17 +88,20 @@ def test_realtime_replay_paces_and_loop_restarts(tmp_path: Path) -> None:
 def test_blocking_source_waits_for_a_full_queue_instead_of_dropping(tmp_path: Path) -> None:
     write_wav(tmp_path / "a.wav", np.zeros(8000 * 4, np.float32), 8000)
     accepted: list[Window] = []
+    refused = threading.Semaphore(0)
     gate = threading.Event()
 
     def sink(w: Window) -> bool:
         if not gate.is_set() and len(accepted) >= 1:
+            refused.release()
             return False
         accepted.append(w)
         return True
 
     source = FileSource(_cfg(path=tmp_path / "a.wav"), 8000)
     source.start(sink)
-    time.sleep(0.3)
+    for _ in range(3):  # the source offers the same window again and again while the queue is full
+        assert refused.acquire(timeout=10), "the source did not retry the refused window"
     assert len(accepted) == 1
     gate.set()
     deadline = time.monotonic() + 10

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.spool import ACKS, COMPACT_AFTER, MESSAGES, Spool
+from edge_agent.agent.spool import ACKS, COMPACT_AFTER, MESSAGES, Spool
 
 
 def test_pending_survive_reopen_in_order_and_acks_remove(tmp_path: Path) -> None:
@@ -23,7 +23,7 @@ def test_pending_survive_reopen_in_order_and_acks_remove(tmp_path: Path) -> None
 
 
 def test_full_spool_drops_oldest_with_a_counted_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="edge_agent.spool")
+    caplog.set_level(logging.WARNING, logger="edge_agent.agent.spool")
     spool = Spool(tmp_path, 3, 10**6)
     for i in range(5):
         spool.append("t", str(i), 1)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.dcase import parse_clip_name, scan_dataset
 from edge_agent.errors import DatasetError
+from edge_agent.evaluation.dcase import parse_clip_name, scan_dataset
 
 
 def _touch(path: Path) -> Path:

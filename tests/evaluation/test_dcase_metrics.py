@@ -10,7 +10,7 @@ from scipy.stats import hmean
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from edge_agent.dcase_metrics import (
+from edge_agent.evaluation.dcase_metrics import (
     FLOAT_EPS,
     harmonic_mean,
     partial_roc_auc,

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.encoder import Encoder
-from edge_agent.evaluate import embed_dataset, score_embeddings
-from edge_agent.scoring import ScoringConfig
-from edge_agent.synthetic import synthesize_dataset
+from edge_agent.evaluation.evaluate import embed_dataset, score_embeddings
+from edge_agent.evaluation.synthetic import synthesize_dataset
+from edge_agent.model.encoder import Encoder
+from edge_agent.scoring.config import ScoringConfig
 from export.onnx_export import ExportResult
 
 

@@ -11,23 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.bank import MemoryBank
-from edge_agent.dcase import scan_dataset
-from edge_agent.embedding import embed_windows
-from edge_agent.encoder import Encoder
+from edge_agent.audio.resample import resample
+from edge_agent.audio.wavio import read_wav
+from edge_agent.cli import add_evaluate_arguments, run_evaluate
 from edge_agent.errors import DatasetError, EdgeAsdError
-from edge_agent.evaluate import (
-    add_evaluate_arguments,
-    embed_dataset,
-    evaluate_dataset,
-    run_evaluate,
-    score_embeddings,
-)
-from edge_agent.report import write_report
-from edge_agent.resample import resample
-from edge_agent.scoring import Scorer, ScoringConfig
-from edge_agent.synthetic import synthesize_dataset, write_demo_recording
-from edge_agent.wavio import read_wav
+from edge_agent.evaluation.dcase import scan_dataset
+from edge_agent.evaluation.evaluate import embed_dataset, evaluate_dataset, score_embeddings
+from edge_agent.evaluation.report import write_report
+from edge_agent.evaluation.synthetic import synthesize_dataset, write_demo_recording
+from edge_agent.model.embedding import embed_windows
+from edge_agent.model.encoder import Encoder
+from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.scorer import BankScorer
 
 JSON_KEYS = {"official", "auc_source", "auc_target", "pauc", "machines"}
 
@@ -43,8 +39,8 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_random_model_end_to_end_with_report(mn04_random_onnx: Path, synthetic_root: Path,
                                              tmp_path: Path) -> None:
     report_dir = tmp_path / "report"
-    result = evaluate_dataset([mn04_random_onnx], synthetic_root, ScoringConfig(), batch_size=5,
-                              report_dir=report_dir, progress=False)
+    result = evaluate_dataset([mn04_random_onnx], synthetic_root, ScoringConfig(), batch_size=5, progress=False)
+    write_report(result, report_dir)
     data = result.to_json()
     json.dumps(data, allow_nan=False)
     assert set(data) >= JSON_KEYS
@@ -99,7 +95,8 @@ def test_an_ensemble_of_one_model_twice_equals_the_model(mn04_random_onnx: Path,
 def test_real_dcase_sample_passes_through(mn04_random_onnx: Path, dcase_sample: Path, tmp_path: Path) -> None:
     for normalizer in ("none", "zscore-test", "zscore-domain", "ld", "ld-domain"):
         result = evaluate_dataset([mn04_random_onnx], dcase_sample, ScoringConfig(normalizer=normalizer),
-                                  progress=False, report_dir=tmp_path / normalizer)
+                                  progress=False)
+        write_report(result, tmp_path / normalizer)
         data = result.to_json()
         json.dumps(data, allow_nan=False)
         assert len(data["machines"]) == 7
@@ -185,7 +182,7 @@ def test_demo_recording_anomaly_stands_out_for_pretrained_mn04(mn04_real_onnx: P
     fan = scan_dataset(synthetic_root, machines=["fan"]).machines["fan"]
     refs = [encoder.prepare(*read_wav(clip.path)) for clip in fan.train_by_domain()["source"]]
     bank = MemoryBank(encoder.info, {"source": embed_windows(encoder, refs)})
-    scorer = Scorer.fit(bank, ScoringConfig())
+    scorer = BankScorer.fit(bank, ScoringConfig())
     demo = write_demo_recording(tmp_path / "demo.wav", seconds=80.0, anomaly_span=(30.0, 50.0), seed=2)
     audio, rate = read_wav(demo)
     window = encoder.info.window_samples

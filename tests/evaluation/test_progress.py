@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from edge_agent.progress import Progress
+from edge_agent.evaluation.progress import Progress
 
 
 class _Terminal(io.StringIO):

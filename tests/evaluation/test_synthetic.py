@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.dcase import scan_dataset
-from edge_agent.dcase_metrics import roc_auc
+from edge_agent.audio.wavio import read_wav, read_wav_info
 from edge_agent.errors import DatasetError
-from edge_agent.synthetic import (
+from edge_agent.evaluation.dcase import scan_dataset
+from edge_agent.evaluation.dcase_metrics import roc_auc
+from edge_agent.evaluation.synthetic import (
     ANOMALY_KINDS,
     MACHINE_TYPES,
     SAMPLE_RATE,
     synthesize_dataset,
     write_demo_recording,
 )
-from edge_agent.wavio import read_wav, read_wav_info
 
 SMALL = {"machines": ("fan", "gearbox"), "n_train_source": 6, "n_train_target": 2, "n_test_per_class": 4,
          "seconds": 4.0}

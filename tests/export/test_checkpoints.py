@@ -23,7 +23,7 @@ def test_sha256_file(tmp_path: Path) -> None:
     data = bytes(range(256)) * 5000
     path = tmp_path / "blob"
     path.write_bytes(data)
-    assert sha256_file(path, chunk_bytes=1000) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
 
 
 def test_official_mn04_entry_is_pinned() -> None:

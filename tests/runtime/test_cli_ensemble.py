@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.ensemble_bank import ENSEMBLE_JSON
-from edge_agent.synthetic import synthesize_dataset
+from edge_agent.evaluation.synthetic import synthesize_dataset
+from edge_agent.scoring.bank_set import ENSEMBLE_JSON
 from export.onnx_export import ExportResult
 
 from .toy_model import toy_info, write_toy_model

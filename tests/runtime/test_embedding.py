@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.embedding import audio_files, embed_windows, file_windows
-from edge_agent.encoder import Encoder
+from edge_agent.audio.wavio import write_wav
 from edge_agent.errors import AudioError
-from edge_agent.wavio import write_wav
+from edge_agent.model.embedding import audio_files, embed_windows, file_windows
+from edge_agent.model.encoder import Encoder
 
 from .toy_model import WINDOW, toy_info, write_toy_model
 
@@ -34,7 +34,7 @@ def test_short_and_dcase_length_clips_give_one_window(tmp_path: Path, encoder: E
 def test_long_recordings_are_cut_into_windows(tmp_path: Path, encoder: Encoder) -> None:
     path = _wav(tmp_path / "long.wav", 5.5)
     windows = list(file_windows(path, encoder))
-    assert [w.start_s for w in windows] == [0, 1, 2, 3, 4]
+    assert [w.start_time for w in windows] == [0, 1, 2, 3, 4]
     assert windows[2].name == "long.wav@2s"
     hopped = list(file_windows(path, encoder, hop_s=0.5))
     assert len(hopped) == 10

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.encoder import Encoder, choose_providers
 from edge_agent.errors import EdgeAsdError, ModelMetadataError
+from edge_agent.model.encoder import Encoder, choose_providers
 from edge_agent.model_info import ModelInfo
 
 from .toy_model import WINDOW

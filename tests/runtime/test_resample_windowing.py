@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from edge_agent.resample import resample
-from edge_agent.windowing import fit_to_window, sliding_windows
+from edge_agent.audio.resample import resample
+from edge_agent.audio.windowing import fit_to_window, sliding_windows
 
 
 @pytest.mark.parametrize(("rate_in", "rate_out"), [(16000, 32000), (44100, 16000), (48000, 32000),

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.audio.wavio import read_wav, read_wav_info, write_wav
 from edge_agent.errors import AudioError
-from edge_agent.wavio import read_wav, read_wav_info, write_wav
 
 
 def _raw_wav(path: Path, payload: bytes, code: int, channels: int, rate: int, bits: int,

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent import bank as bank_module
-from edge_agent.bank import MemoryBank
+from edge_agent import fsutil
 from edge_agent.errors import BankError, ModelMismatchError
-from edge_agent.knn import HnswIndex
-from edge_agent.scoring import Scorer, ScoringConfig
+from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.knn import HnswIndex
+from edge_agent.scoring.scorer import BankScorer
 
 
 @pytest.fixture
@@ -33,8 +34,8 @@ def bank(info) -> MemoryBank:
 CFG = ScoringConfig(exact_below=100, hnsw_m=8, hnsw_ef_construction=40)  # source (120) uses HNSW
 
 
-def saved(bank: MemoryBank, path: Path, cfg: ScoringConfig = CFG) -> Scorer:
-    scorer = Scorer.fit(bank, cfg)
+def saved(bank: MemoryBank, path: Path, cfg: ScoringConfig = CFG) -> BankScorer:
+    scorer = BankScorer.fit(bank, cfg)
     scorer.save(path, threshold={"method": "percentile", "quantile": 0.99, "value": 1.5, "n": 126},
                 model_sha256="cd" * 32)
     return scorer
@@ -59,7 +60,7 @@ def test_round_trip(bank: MemoryBank, info, tmp_path: Path) -> None:
     assert doc["counts"] == {"source": 120, "target": 6} and doc["dims"] == {"layer_4": 8, "layer_8": 16}
     assert doc["model"]["variant"] == "mn04" and doc["mixup"] == {"lam": 0.9, "k": 2}
     # Same statistics, the stored HNSW graph is reused, same scores.
-    again = Scorer.fit(loaded, CFG)
+    again = BankScorer.fit(loaded, CFG)
     assert again.state() == scorer.state()
     assert again.normalizers["layer_8"].bank.source.graph is loaded.stored_indexes[("layer_8", "source")].graph
     q = {"layer_4": np.ones((3, 8)), "layer_8": np.ones((3, 16))}
@@ -72,15 +73,15 @@ def test_stored_statistics_are_reused_only_for_the_same_config(bank: MemoryBank,
     loaded = MemoryBank.load(tmp_path / "bank")
     assert loaded.scorer_state is not None
     loaded.scorer_state["layers"]["layer_8"]["stats"]["mu_source"] = 123.0  # proves it is read, not refitted
-    assert Scorer.fit(loaded, cfg).state()["layers"]["layer_8"]["stats"]["mu_source"] == 123.0
-    with caplog.at_level("INFO", logger="edge_agent.scoring"):
-        other = Scorer.fit(loaded, ScoringConfig(normalizer="zscore-domain", k_n=2))
-    assert "refitting" in caplog.text
+    assert BankScorer.fit(loaded, cfg).state()["layers"]["layer_8"]["stats"]["mu_source"] == 123.0
+    with caplog.at_level("INFO", logger="edge_agent.scoring.scorer"):
+        other = BankScorer.fit(loaded, ScoringConfig(normalizer="zscore-domain", k_n=2))
+    assert "event=scorer_refit" in caplog.text
     assert other.state()["layers"]["layer_8"]["stats"]["mu_source"] != 123.0
 
 
 def test_scorer_state_of_another_bank_is_refused(bank: MemoryBank, tmp_path: Path) -> None:
-    state = Scorer.fit(bank, ScoringConfig()).state()
+    state = BankScorer.fit(bank, ScoringConfig()).state()
     with pytest.raises(BankError, match="different bank"):
         bank.with_memmixup().save(tmp_path / "b", scorer_state=state)
 
@@ -110,7 +111,7 @@ def test_loo_leaves_out_a_target_ref_and_its_mixes(info_factory) -> None:
     src = np.array([[0.0], [1.0], [3.0], [7.0]], dtype=np.float32)
     bank = MemoryBank(info, {"source": {"layer_1": src}, "target": {"layer_1": np.array([[10.0]])}})
     mixed = bank.with_memmixup(lam=0.9, k=2)  # target rows: 10, 9.7, 9.3
-    loo = Scorer.fit(mixed, ScoringConfig(normalizer="none")).loo_scores()
+    loo = BankScorer.fit(mixed, ScoringConfig(normalizer="none")).loo_scores()
     # source ref 7: min(d_S = 4, d_T = |7 - 9.3| = 2.3); target ref 10: only d_S = 3 is left
     assert loo.shape == (5,)
     assert loo[3] == pytest.approx(2.3, rel=1e-6) and loo[4] == pytest.approx(3.0, rel=1e-12)
@@ -198,7 +199,7 @@ def test_failed_save_keeps_the_old_bank(bank: MemoryBank, tmp_path: Path) -> Non
 def test_reader_sees_old_or_new_bank_during_replacement(bank: MemoryBank, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch, exchange: bool) -> None:
     if not exchange:  # the two-rename fallback for kernels/filesystems without RENAME_EXCHANGE
-        monkeypatch.setattr(bank_module, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)
     path = tmp_path / "bank"
     small = MemoryBank(bank.info, {"source": {layer: bank.get_raw(layer, "source")[:60] for layer in bank.layers}})
     versions = [bank, small]

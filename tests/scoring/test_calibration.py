@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from edge_agent.calibration import calibrate, fit_gamma_moments, gamma_ppf, gammainc_lower
 from edge_agent.errors import ConfigError
+from edge_agent.scoring.calibration import calibrate, fit_gamma_moments, gamma_ppf, gammainc_lower
 
 
 @pytest.mark.parametrize("a", [0.05, 0.5, 1.0, 2.5, 9.0, 40.0, 400.0])

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.bank import MemoryBank
-from edge_agent.enrollment import enroll_ensemble
-from edge_agent.ensemble_bank import ENSEMBLE_JSON, EnsembleBank, load_bank_for, load_ensemble
 from edge_agent.errors import BankError, ModelMismatchError
-from edge_agent.model_info import ModelInfo
-from edge_agent.model_set import MemberModel
-from edge_agent.scoring import EnsembleScorer, Scorer, ScoringConfig
+from edge_agent.model_info import MemberModel, ModelInfo
+from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.bank_set import ENSEMBLE_JSON, BankSet, load_banks
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.enrollment import enroll
+from edge_agent.scoring.scorer import BankScorer, Scorer
 
 
 def _member(variant: str, rate: int, dim: int, sha: str) -> MemberModel:
@@ -46,57 +46,57 @@ def _names(n_source: int = 30, n_target: int = 4) -> dict[str, list[str]]:
 
 def test_round_trip_threshold_on_mean_loo_scores_and_any_member_order(tmp_path: Path) -> None:
     cfg = ScoringConfig()
-    enrolled = enroll_ensemble(tmp_path / "ens", MEMBERS, _embeddings(0), _names(), cfg)
-    loaded = load_ensemble(tmp_path / "ens", MEMBERS)
+    enrolled = enroll(tmp_path / "ens", MEMBERS, _embeddings(0), _names(), cfg)
+    loaded = load_banks(tmp_path / "ens", MEMBERS)
     assert [b.info.variant for b in loaded.banks] == ["a", "b"]
     assert loaded.threshold == enrolled.threshold and loaded.scoring == cfg.to_dict()
     assert loaded.count_raw("source") == 30 and loaded.count_raw("target") == 4
 
-    scorers = [Scorer.fit(b, cfg) for b in loaded.banks]
+    scorers = [BankScorer.fit(b, cfg) for b in loaded.banks]
     mean_loo = np.mean([s.loo_scores() for s in scorers], axis=0)
-    np.testing.assert_allclose(EnsembleScorer(scorers).loo_scores(), mean_loo)
+    np.testing.assert_allclose(Scorer(scorers).loo_scores(), mean_loo)
     assert enrolled.threshold["n"] == 34
     # the ensemble threshold is its own calibration, not the mean of the members' thresholds
     member_values = [b.threshold["value"] for b in loaded.banks]
     assert enrolled.threshold["value"] != pytest.approx(np.mean(member_values))
 
-    swapped = load_ensemble(tmp_path / "ens", MEMBERS[::-1])
+    swapped = load_banks(tmp_path / "ens", MEMBERS[::-1])
     assert [b.info.variant for b in swapped.banks] == ["b", "a"]
     assert swapped.content_hash() == loaded.content_hash()
-    assert isinstance(load_bank_for(tmp_path / "ens", MEMBERS), EnsembleBank)
+    assert isinstance(load_banks(tmp_path / "ens", MEMBERS), BankSet)
     # a member directory is an ordinary bank
     doc = json.loads((tmp_path / "ens" / ENSEMBLE_JSON).read_text())
-    plain = load_bank_for(tmp_path / "ens" / doc["members"][1]["subdir"], MEMBERS[1:])
-    assert isinstance(plain, MemoryBank) and plain.threshold is not None
+    plain = load_banks(tmp_path / "ens" / doc["members"][1]["subdir"], MEMBERS[1:])
+    assert isinstance(plain.banks[0], MemoryBank) and len(plain.banks) == 1 and plain.threshold is not None
 
 
 def test_wrong_models_and_damaged_ensembles_are_named(tmp_path: Path) -> None:
     ens = tmp_path / "ens"
-    enroll_ensemble(ens, MEMBERS, _embeddings(0), _names(), ScoringConfig())
+    enroll(ens, MEMBERS, _embeddings(0), _names(), ScoringConfig())
     where = str(ens / ENSEMBLE_JSON)
     other = _member("c", 8000, 8, "cc")
     with pytest.raises(ModelMismatchError, match=r"no model given for member.* b-") as info:
-        load_ensemble(ens, [MEMBERS[0], other])
+        load_banks(ens, [MEMBERS[0], other])
     assert where in str(info.value) and "not in the ensemble: c-" in str(info.value)
     with pytest.raises(ModelMismatchError, match="no model given"):
-        load_ensemble(ens, [MEMBERS[0], MEMBERS[0]])
+        load_banks(ens, [MEMBERS[0], MEMBERS[0]])
     # same ONNX hash, but metadata of another model
     changed = MemberModel(_member("a", 16000, 8, "aa").info, MEMBERS[0].model_sha256, MEMBERS[0].model_id)
     with pytest.raises(ModelMismatchError, match="sample_rate"):
-        load_ensemble(ens, [changed, MEMBERS[1]])
+        load_banks(ens, [changed, MEMBERS[1]])
     with pytest.raises(ModelMismatchError, match="an ensemble bank of 2 models"):
-        load_bank_for(ens, MEMBERS[:1])
+        load_banks(ens, MEMBERS[:1])
 
     doc = json.loads((ens / ENSEMBLE_JSON).read_text())
     # a member replaced by another (valid) bank
     bad = tmp_path / "bad"
     shutil.copytree(ens, bad)
-    enroll_ensemble(tmp_path / "other", MEMBERS, _embeddings(5), _names(), ScoringConfig())
+    enroll(tmp_path / "other", MEMBERS, _embeddings(5), _names(), ScoringConfig())
     sub = doc["members"][1]["subdir"]
     shutil.rmtree(bad / sub)
     shutil.copytree(tmp_path / "other" / sub, bad / sub)
     with pytest.raises(BankError, match=f"{bad / sub}: content does not match .*content_hash"):
-        load_ensemble(bad, MEMBERS)
+        load_banks(bad, MEMBERS)
 
     for change, message in [
         (lambda d: d.update(format_version=2), "format_version 2"),
@@ -108,11 +108,11 @@ def test_wrong_models_and_damaged_ensembles_are_named(tmp_path: Path) -> None:
         change(d)
         (bad / ENSEMBLE_JSON).write_text(json.dumps(d))
         with pytest.raises(BankError, match=message) as info:
-            load_ensemble(bad, MEMBERS)
+            load_banks(bad, MEMBERS)
         assert str(bad / ENSEMBLE_JSON) in str(info.value)
     (bad / ENSEMBLE_JSON).write_text("{not json")
     with pytest.raises(BankError, match="not valid JSON"):
-        load_ensemble(bad, MEMBERS)
+        load_banks(bad, MEMBERS)
 
 
 def test_members_must_hold_the_same_windows(tmp_path: Path) -> None:
@@ -122,13 +122,13 @@ def test_members_must_hold_the_same_windows(tmp_path: Path) -> None:
     shuffled["source"] = shuffled["source"][::-1]
     banks[1] = MemoryBank(MEMBERS[1].info, embs[1], shuffled)
     with pytest.raises(BankError, match="same windows in the same order"):
-        EnsembleBank(banks, MEMBERS, None, None)
+        BankSet(banks, MEMBERS, None, None)
 
 
 def test_readers_see_a_whole_ensemble_while_it_is_replaced(tmp_path: Path) -> None:
     ens = tmp_path / "ens"
     cfg = ScoringConfig()
-    written = {enroll_ensemble(ens, MEMBERS, _embeddings(0), _names(), cfg).bank.content_hash()}
+    written = {enroll(ens, MEMBERS, _embeddings(0), _names(), cfg).banks.content_hash()}
     stop = threading.Event()
     seen: list[str] = []
     errors: list[BaseException] = []
@@ -136,7 +136,7 @@ def test_readers_see_a_whole_ensemble_while_it_is_replaced(tmp_path: Path) -> No
     def reader() -> None:
         while not stop.is_set():
             try:
-                seen.append(load_ensemble(ens, MEMBERS).content_hash())
+                seen.append(load_banks(ens, MEMBERS).content_hash())
             except BaseException as exc:
                 errors.append(exc)
                 return
@@ -145,7 +145,7 @@ def test_readers_see_a_whole_ensemble_while_it_is_replaced(tmp_path: Path) -> No
     thread.start()
     try:
         for seed in range(1, 9):
-            written.add(enroll_ensemble(ens, MEMBERS, _embeddings(seed), _names(), cfg).bank.content_hash())
+            written.add(enroll(ens, MEMBERS, _embeddings(seed), _names(), cfg).banks.content_hash())
     finally:
         stop.set()
         thread.join(30)

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent import knn
 from edge_agent.errors import BankError, ConfigError
-from edge_agent.knn import ExactIndex, HnswIndex, HnswParams, build_index, cap_k, measure_recall
+from edge_agent.scoring import knn
+from edge_agent.scoring.knn import ExactIndex, HnswIndex, HnswParams, build_index, cap_k, measure_recall
 
 
 def brute(x: np.ndarray, refs: np.ndarray) -> np.ndarray:

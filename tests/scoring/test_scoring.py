@@ -3,9 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.bank import MemoryBank
 from edge_agent.errors import BankError, ConfigError, ModelMismatchError
-from edge_agent.scoring import EnsembleScorer, Scorer, ScoringConfig
+from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.scorer import BankScorer, Scorer
 
 
 @pytest.fixture
@@ -47,26 +48,26 @@ def test_config_dict_round_trip_and_unknown_key() -> None:
 
 def test_default_layers_and_named_layers(bank: MemoryBank) -> None:
     cfg = ScoringConfig(normalizer="none")
-    assert Scorer.fit(bank, cfg).layers == ("layer_8",)
-    both = Scorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_4", "layer_8")))
+    assert BankScorer.fit(bank, cfg).layers == ("layer_8",)
+    both = BankScorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_4", "layer_8")))
     # layer_8 holds S = {0, 2, 6, 14}, T = {20, 24}
     # x: layer_4 = 5 -> min(2, 5) = 2 ; layer_8 = 20 -> min(6, 0) = 0 ; mean = 1
     emb = {"layer_4": np.array([[5.0]]), "layer_8": np.array([[20.0]])}
     assert both.score_layers(emb) == {"layer_4": [2.0], "layer_8": [0.0]}
     assert both.score(emb).tolist() == [1.0]
     with pytest.raises(ConfigError, match=r"scoring\.layers: not in the bank"):
-        Scorer.fit(bank, ScoringConfig(layers=("layer_9",)))
+        BankScorer.fit(bank, ScoringConfig(layers=("layer_9",)))
 
 
 def test_default_layers_missing_from_bank(info_factory) -> None:
     info = info_factory({"layer_4": 1, "layer_8": 1}, default=("layer_8",))
     only4 = MemoryBank(info, {"source": {"layer_4": np.array([[0.0], [1.0]])}})
     with pytest.raises(ConfigError, match="none of the model's default layers"):
-        Scorer.fit(only4, ScoringConfig())
+        BankScorer.fit(only4, ScoringConfig())
 
 
 def test_score_checks_embeddings(bank: MemoryBank) -> None:
-    scorer = Scorer.fit(bank, ScoringConfig())
+    scorer = BankScorer.fit(bank, ScoringConfig())
     with pytest.raises(ConfigError, match="lack layer 'layer_8'"):
         scorer.score({"layer_4": np.zeros((1, 1))})
     with pytest.raises(ModelMismatchError, match=r"layer_8: embeddings of shape \[1, 3\]"):
@@ -74,9 +75,9 @@ def test_score_checks_embeddings(bank: MemoryBank) -> None:
 
 
 def test_ensemble_is_the_mean_of_scorers(bank: MemoryBank) -> None:
-    a = Scorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_4",)))
-    b = Scorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_8",)))
-    ens = EnsembleScorer([a, b])
+    a = BankScorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_4",)))
+    b = BankScorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_8",)))
+    ens = Scorer([a, b])
     emb = {"layer_4": np.array([[5.0], [11.0]]), "layer_8": np.array([[20.0], [22.0]])}
     # a (layer_4): 5 -> 2, 11 -> 1; b (layer_8): 20 -> 0, 22 -> min(8, 2) = 2
     assert ens.score([emb, emb]).tolist() == [1.0, 1.5]
@@ -88,14 +89,14 @@ def test_ensemble_is_the_mean_of_scorers(bank: MemoryBank) -> None:
 def test_ensemble_loo_needs_the_same_refs(bank: MemoryBank, info) -> None:
     other = MemoryBank(info, {"source": {"layer_4": np.arange(3.0)[:, None], "layer_8": np.zeros((3, 1))}})
     with pytest.raises(BankError, match="same clips"):
-        EnsembleScorer([Scorer.fit(bank, ScoringConfig(normalizer="none")),
-                        Scorer.fit(other, ScoringConfig(normalizer="none"))]).loo_scores()
+        Scorer([BankScorer.fit(bank, ScoringConfig(normalizer="none")),
+                        BankScorer.fit(other, ScoringConfig(normalizer="none"))]).loo_scores()
 
 
 def test_state_is_json(bank: MemoryBank) -> None:
     import json
 
     for name in ("none", "zscore-test", "zscore-domain", "ld", "ld-domain"):
-        state = Scorer.fit(bank, ScoringConfig(normalizer=name)).state()
+        state = BankScorer.fit(bank, ScoringConfig(normalizer=name)).state()
         assert json.loads(json.dumps(state, allow_nan=False)) == state
         assert state["config"]["normalizer"] == name and state["bank_fingerprint"] == bank.fingerprint()

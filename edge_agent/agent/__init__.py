@@ -1,0 +1,1 @@
+"""The monitoring agent (`edge-agent run`): capture, the per-window hot loop, the control plane, MQTT out."""

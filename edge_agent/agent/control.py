@@ -1,0 +1,291 @@
+"""The control plane, on the agent's main thread: config push, SIGHUP and `reload`, the commands
+(enroll, reload, status), target-bank rebuilds after an enroll, and the state document.
+
+A new config is built completely beside the running runtime; only when every part is built is the
+runtime swapped (under the runtime lock). Any error leaves the old runtime running and is answered
+with the key path, message and value at fault. Nothing here publishes while holding the lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_agent.agent.config import AgentConfig, load_config, parse_config, write_config_atomic
+from edge_agent.agent.enroll_job import EnrollJob, build_target_bank
+from edge_agent.agent.inference import publish_alert
+from edge_agent.agent.metrics import AgentMetrics
+from edge_agent.agent.outputs import Outputs
+from edge_agent.agent.payloads import command_result, config_result
+from edge_agent.agent.runtime import LiveRuntime, Runtime, SourcePipeline, bank_stamp, build_runtime
+from edge_agent.agent.sdnotify import SystemdNotifier
+from edge_agent.agent.state import agent_state, state_signature
+from edge_agent.errors import ConfigError, EdgeAsdError
+from edge_agent.logs import get_logger
+
+log = get_logger(__name__)
+
+STATE_REFRESH_SECONDS = 60.0
+# Sections that a running agent cannot change in place; they apply at the next start.
+RESTART_FIELDS = ("node", "state_dir", "mqtt", "spool", "output", "metrics", "logging", "queue_windows")
+COMMANDS = ("enroll", "reload", "status")
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """One request for the main thread: `config` (payload: a pushed config), `cmd` (name, payload: JSON
+    arguments), `reload` (SIGHUP), `state` (publish the state now), `stop` (name: the reason)."""
+
+    kind: str
+    name: str = ""
+    payload: bytes = b""
+
+
+class ControlPlane:
+    def __init__(self, cfg: AgentConfig, config_path: Path | None, live: LiveRuntime, outputs: Outputs,
+                 metrics: AgentMetrics, notifier: SystemdNotifier, requests: queue.Queue[ControlRequest],
+                 start_sources: Callable[[Runtime], None]) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.live = live
+        self.outputs = outputs
+        self.metrics = metrics
+        self.notifier = notifier
+        self.requests = requests
+        self.start_sources = start_sources
+        self.started_at = time.time()
+        self._state_sig: str | None = None
+        self._state_sent = 0.0
+
+    def handle(self, request: ControlRequest) -> None:
+        if request.kind == "config":
+            self._config_push(request.payload)
+        elif request.kind == "cmd":
+            self._command(request.name, request.payload)
+        elif request.kind == "reload":
+            ok, error = self._reload_file()
+            if not ok:
+                log.error("reload_refused", error=error)
+        elif request.kind == "state":
+            self.publish_state(force=True)
+
+    # --- config --------------------------------------------------------------------------------------
+
+    def _config_push(self, payload: bytes) -> None:
+        request_id, text = _unwrap_config(payload)
+        try:
+            new_cfg = parse_config(text, source="config/set", base_dir=self._base_dir())
+            restart = self.apply(new_cfg)
+        except ConfigError as exc:
+            log.warning("config_refused", path=exc.path, error=exc.message, value=_jsonable(exc.value))
+            self.outputs.publish_config_result(config_result(
+                False, request_id, error={"path": exc.path, "message": exc.message, "value": _jsonable(exc.value)}))
+            return
+        except EdgeAsdError as exc:
+            log.warning("config_refused", path="", error=str(exc))
+            self.outputs.publish_config_result(config_result(
+                False, request_id, error={"path": "", "message": str(exc), "value": None}))
+            return
+        persisted = False
+        if self.config_path is not None:
+            try:
+                write_config_atomic(self.config_path, text)
+                persisted = True
+            except OSError as exc:
+                log.error("config_not_persisted", path=self.config_path, error=exc)
+        log.info("config_applied", config_hash=new_cfg.config_hash, persisted=persisted,
+                 restart_required=",".join(restart) or "-")
+        result = config_result(True, request_id, new_cfg.config_hash, restart_required=restart)
+        result["persisted"] = persisted
+        self.outputs.publish_config_result(result)
+
+    def _reload_file(self) -> tuple[bool, str]:
+        if self.config_path is None:
+            return False, "running on the embedded default config: nothing to reload"
+        self.notifier.reloading()
+        try:
+            new_cfg = load_config(self.config_path)
+            restart = self.apply(new_cfg)
+        except EdgeAsdError as exc:
+            self.notifier.ready()
+            return False, str(exc)
+        self.notifier.ready()
+        log.info("config_reloaded", path=self.config_path, config_hash=new_cfg.config_hash,
+                 restart_required=",".join(restart) or "-")
+        return True, new_cfg.config_hash
+
+    def apply(self, new_cfg: AgentConfig) -> list[str]:
+        """Build the new runtime beside the old one, then swap; raises (old keeps running) on error."""
+        restart = [name for name in RESTART_FIELDS if getattr(new_cfg, name) != getattr(self.cfg, name)]
+        new = build_runtime(new_cfg, self.live.current)
+        closed: list[tuple[SourcePipeline, dict[str, Any]]] = []
+        abandoned: list[tuple[str, EnrollJob]] = []
+        with self.live.lock:
+            old = self.live.current
+            kept = {id(p.source) for p in new.pipelines.values()}
+            for name, pipeline in new.pipelines.items():
+                pipeline.tracker.reconfigure(pipeline.context, pipeline.cfg.hysteresis)
+                previous = old.pipelines.get(name)
+                if previous is not None and previous.enroll is not None and previous.source is pipeline.source:
+                    if previous.context.model == pipeline.context.model:
+                        pipeline.enroll = previous.enroll
+                    else:  # embeddings recorded so far belong to other encoders
+                        abandoned.append((name, previous.enroll))
+            now = time.time()
+            for name, pipeline in old.pipelines.items():
+                if name not in new.pipelines:
+                    closed += [(pipeline, event) for event in pipeline.tracker.close(now, reason="source_removed")]
+            self.live.current = new
+            # Sections that need a restart keep their running values until then.
+            self.cfg = dataclasses.replace(new_cfg, **{name: getattr(self.cfg, name) for name in restart})
+        for pipeline, event in closed:
+            publish_alert(self.outputs, self.metrics, pipeline, event)
+        for name, job in abandoned:
+            self.outputs.publish_command_result(command_result(
+                "enroll", False, job.request_id, error=f"source {name!r}: the models changed while enrolling; "
+                                                       "enroll again"))
+        for pipeline in old.pipelines.values():
+            if id(pipeline.source) not in kept:
+                pipeline.source.stop()
+        self.start_sources(new)
+        self.outputs.set_sources(new)
+        self.publish_state(force=True)
+        return restart
+
+    def _base_dir(self) -> Path:
+        return self.config_path.resolve().parent if self.config_path is not None else Path.cwd()
+
+    # --- commands ------------------------------------------------------------------------------------
+
+    def _command(self, name: str, payload: bytes) -> None:
+        args: dict[str, Any] = {}
+        if payload.strip():
+            try:
+                parsed = json.loads(payload)
+            except ValueError:
+                self.outputs.publish_command_result(command_result(name, False, None, error="payload is not JSON"))
+                return
+            if not isinstance(parsed, dict):
+                self.outputs.publish_command_result(command_result(name, False, None,
+                                                                   error="payload must be a JSON object"))
+                return
+            args = parsed
+        request_id = args.get("id") if isinstance(args.get("id"), str) else None
+        if name == "status":
+            self.outputs.publish_command_result(command_result(name, True, request_id, result=self.state()))
+        elif name == "reload":
+            ok, detail = self._reload_file()
+            self.outputs.publish_command_result(command_result(
+                name, ok, request_id, result={"config_hash": detail} if ok else None, error=None if ok else detail))
+        elif name == "enroll":
+            error = self._start_enroll(args, request_id)
+            if error is not None:
+                self.outputs.publish_command_result(command_result(name, False, request_id, error=error))
+        else:
+            self.outputs.publish_command_result(command_result(
+                name, False, request_id, error=f"unknown command {name!r}; known: {', '.join(COMMANDS)}"))
+
+    def _start_enroll(self, args: dict[str, Any], request_id: str | None) -> str | None:
+        pipelines = self.live.current.pipelines
+        name = args.get("source")
+        if name is None and len(pipelines) == 1:
+            name = next(iter(pipelines))
+        if name not in pipelines:
+            return f"source: {name!r} is not one of {', '.join(pipelines)}"
+        pipeline = pipelines[name]
+        count = args.get("windows", pipeline.cfg.enroll.windows)
+        if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= 10000:
+            return f"windows: must be an integer in [2, 10000] (got {count!r})"
+        if pipeline.enroll is not None:
+            return f"source {name!r} is already enrolling"
+        with self.live.lock:
+            pipeline.enroll = EnrollJob(count, request_id)
+        log.info("enroll_started", source=name, windows=count)
+        return None
+
+    def enroll_ready(self, name: str, job: EnrollJob) -> None:
+        """The hot loop collected every window of `job`: rebuild the target bank off its thread."""
+        threading.Thread(target=self._finish_enroll, args=(name, job), name="enroll", daemon=True).start()
+
+    def _finish_enroll(self, name: str, job: EnrollJob) -> None:
+        try:
+            result = self._rebuild_target(name, job)
+        except Exception as exc:
+            log.exception("enroll_failed", source=name)
+            self.outputs.publish_command_result(command_result("enroll", False, job.request_id, error=str(exc)))
+            return
+        self.outputs.publish_command_result(command_result("enroll", True, job.request_id, result=result))
+        self.requests.put(ControlRequest("state"))
+
+    def _rebuild_target(self, name: str, job: EnrollJob) -> dict[str, Any]:
+        pipeline = self.live.current.pipelines[name]
+        assert pipeline.cfg.bank is not None  # parse_config requires it
+        enrolled = build_target_bank(pipeline.cfg.bank, pipeline.bank, job, pipeline.scoring, pipeline.cfg.enroll)
+        calibrated = float(enrolled.threshold["value"])
+        bank_id = enrolled.banks.content_hash()[:12]
+        with self.live.lock:
+            current = self.live.current.pipelines.get(name)
+            if current is None:
+                raise EdgeAsdError(f"source {name!r} was removed while enrolling")
+            value = calibrated if current.cfg.threshold is None else float(current.cfg.threshold)
+            context = dataclasses.replace(current.context, bank=bank_id, threshold=value)
+            current.tracker.reconfigure(context, current.cfg.hysteresis)
+            new = dataclasses.replace(current, bank=enrolled.banks, scorer=enrolled.scorer, bank_id=bank_id,
+                                      threshold=value, context=context, bank_stamp=bank_stamp(pipeline.cfg.bank))
+            runtime = self.live.current
+            self.live.current = dataclasses.replace(runtime, pipelines={**runtime.pipelines, name: new})
+        log.info("enrolled", source=name, target_refs=job.windows, bank=bank_id, threshold=round(value, 4))
+        return {"source": name, "bank": bank_id, "bank_path": str(pipeline.cfg.bank),
+                "target_windows": job.windows, "threshold": value, "calibrated_threshold": calibrated,
+                "memmixup": pipeline.cfg.enroll.memmixup}
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def state(self, status: str = "online") -> dict[str, Any]:
+        return agent_state(self.live.current, self.cfg.node, self.started_at, self.outputs.delivery(), status)
+
+    def publish_state(self, force: bool = False, status: str = "online") -> None:
+        state = self.state(status)
+        signature = state_signature(state)
+        now = time.monotonic()
+        if not force and signature == self._state_sig and now - self._state_sent < STATE_REFRESH_SECONDS:
+            return
+        if signature != self._state_sig:
+            lost = [f"{s['name']} {s['health']['state']}" for s in state["sources"]
+                    if s["health"]["state"] in ("lost", "failed")]
+            self.notifier.status(f"{state['health']}: {len(state['sources'])} source(s)"
+                                 + (f"; {', '.join(lost)}" if lost else ""))
+        self._state_sig = signature
+        self._state_sent = now
+        self.outputs.set_state(state)
+
+
+def _unwrap_config(payload: bytes) -> tuple[str | None, str]:
+    """config/set carries a whole YAML/JSON config, or {"id": ..., "config": {...} | "yaml text"}."""
+    text = payload.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None, text
+    if isinstance(data, dict) and "config" in data and set(data) <= {"id", "config"}:
+        request_id = data.get("id") if isinstance(data.get("id"), str) else None
+        inner = data["config"]
+        return request_id, inner if isinstance(inner, str) else yaml.safe_dump(inner, sort_keys=False)
+    return None, text
+
+
+def _jsonable(value: object) -> object:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)

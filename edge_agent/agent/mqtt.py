@@ -1,0 +1,365 @@
+"""MQTT side of the agent: retained status/state, alerts through the durable spool, control topics.
+
+Topics (prefix default `edge-asd`, node = device id):
+  <prefix>/<node>/status          retained: online | offline (last will) | stopped
+  <prefix>/<node>/state           retained JSON, re-sent on every connect
+  <prefix>/<node>/<source>/alert  QoS 1, spooled on disk until PUBACK
+  <prefix>/<node>/<source>/score  QoS 0, optional
+  <prefix>/<node>/config/set      in;  answered on <prefix>/<node>/config/result
+  <prefix>/<node>/cmd/<name>      in;  answered on <prefix>/<node>/cmd/result
+
+Delivery: every alert is appended to the spool (fsync) before it is handed to paho. paho keeps a
+handed QoS 1 message in memory and re-sends it after a reconnect, so each spool record is handed
+to paho at most once per process; the record leaves the spool at PUBACK. Records that were never
+handed (written while the broker was unreachable, or left from a previous run) are sent after
+the next connect, oldest first, with `"replayed": true` -- and only once paho's own re-sends of
+older messages have been acknowledged, so the broker sees them in spool order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from edge_agent.agent.config import AgentConfig, MqttConfig
+from edge_agent.agent.spool import Spool, SpoolRecord
+from edge_agent.logs import get_logger
+
+log = get_logger(__name__)
+
+MAX_HANDED = 100  # spool records handed to paho and not yet acknowledged
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    node: str
+
+    def _t(self, *parts: str) -> str:
+        return "/".join((self.prefix, self.node, *parts))
+
+    @property
+    def status(self) -> str:
+        return self._t("status")
+
+    @property
+    def state(self) -> str:
+        return self._t("state")
+
+    def alert(self, source: str) -> str:
+        return self._t(source, "alert")
+
+    def score(self, source: str) -> str:
+        return self._t(source, "score")
+
+    @property
+    def config_set(self) -> str:
+        return self._t("config", "set")
+
+    @property
+    def config_result(self) -> str:
+        return self._t("config", "result")
+
+    @property
+    def cmd_filter(self) -> str:
+        return self._t("cmd", "+")
+
+    @property
+    def cmd_result(self) -> str:
+        return self._t("cmd", "result")
+
+    def command_name(self, topic: str) -> str | None:
+        head = self._t("cmd") + "/"
+        if topic.startswith(head):
+            name = topic[len(head):]
+            return name if name and "/" not in name and name != "result" else None
+        return None
+
+
+def mark_replayed(payload: str) -> str:
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload
+    if isinstance(data, dict):
+        data["replayed"] = True
+        return json.dumps(data, separators=(",", ":"))
+    return payload
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttPublisher:
+    """Owns the paho client and the spool; one worker thread does all spool and publish work."""
+
+    def __init__(self, cfg: AgentConfig, spool: Spool, on_message: MessageHandler):
+        assert cfg.mqtt is not None
+        self.mcfg: MqttConfig = cfg.mqtt
+        self.topics = Topics(self.mcfg.prefix, cfg.node)
+        self.spool = spool
+        self._on_message = on_message
+        self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._connected = threading.Event()
+        self._generation = 0
+        self._handed: dict[int, tuple[int, int]] = {}  # mid -> (spool seq, connection generation)
+        self._handed_seqs: set[int] = set()
+        self._fresh: set[int] = set()  # seqs appended while connected: not replays
+        self._state_payload: str | None = None
+        self._discovery: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._work, name="mqtt-publisher", daemon=True)
+        self.client = self._make_client(cfg)
+
+    # --- public API (any thread) -------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        self._thread.start()
+        self.client.connect_async(self.mcfg.host, self.mcfg.port, keepalive=self.mcfg.keepalive)
+        self.client.loop_start()
+
+    def publish_alert(self, source: str, payload: dict[str, Any]) -> None:
+        self._events.put(("spool", self.topics.alert(source), _dumps(payload), 1))
+
+    def publish_score(self, source: str, payload: dict[str, Any]) -> None:
+        if self.mcfg.spool_scores:
+            self._events.put(("spool", self.topics.score(source), _dumps(payload), 0))
+        else:
+            self._events.put(("direct", self.topics.score(source), _dumps(payload), 0, False))
+
+    def publish_result(self, topic: str, payload: dict[str, Any]) -> None:
+        self._events.put(("direct", topic, _dumps(payload), 1, False))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Retained state; kept and re-published on every connect."""
+        self._events.put(("state", _dumps(state)))
+
+    def set_discovery(self, messages: dict[str, str]) -> None:
+        """Retained Home Assistant discovery configs (topic -> payload); dropped topics are cleared."""
+        self._events.put(("discovery", dict(messages)))
+
+    def stop(self, status: str = "stopped", timeout: float = 5.0) -> None:
+        """Drain queued events into the spool, publish the final retained status, disconnect."""
+        done = threading.Event()
+        self._events.put(("stop", status, done))
+        done.wait(timeout + 1.0)
+        self._thread.join(timeout)
+        self.client.loop_stop()
+        self.spool.close()
+
+    # --- paho callbacks (network thread) -----------------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason: Any,
+                    properties: object = None) -> None:
+        if reason.is_failure:
+            log.warning("mqtt_connect_refused", host=self.mcfg.host, port=self.mcfg.port, reason=reason)
+            return
+        client.subscribe([(self.topics.config_set, 1), (self.topics.cmd_filter, 1)])
+        self._events.put(("connected",))
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason: Any,
+                       properties: object = None) -> None:
+        self._events.put(("disconnected", str(reason)))
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: Any,
+                    properties: object = None) -> None:
+        self._events.put(("acked", mid))
+
+    def _on_paho_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        if message.retain:
+            return  # a stale retained command or config must not be re-applied at every connect
+        try:
+            self._on_message(message.topic, message.payload)
+        except Exception:
+            log.exception("control_message_failed", topic=message.topic)
+
+    # --- worker ------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            try:
+                event = self._events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            kind = event[0]
+            try:
+                if kind == "spool":
+                    _, topic, payload, qos = event
+                    record = self.spool.append(topic, payload, qos)
+                    if self.connected:
+                        self._fresh.add(record.seq)
+                    self._flush()
+                elif kind == "direct":
+                    self._direct(*event[1:])
+                elif kind == "state":
+                    self._state_payload = event[1]
+                    if self.connected:
+                        self.client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+                elif kind == "discovery":
+                    gone = set(self._discovery) - set(event[1])
+                    self._discovery = event[1]
+                    if self.connected:
+                        for topic in gone:
+                            self.client.publish(topic, "", qos=1, retain=True)  # empty retained = removed
+                        self._publish_discovery()
+                elif kind == "connected":
+                    self._handle_connected()
+                elif kind == "disconnected":
+                    self._handle_disconnected(event[1])
+                elif kind == "acked":
+                    self._handle_acked(event[1])
+                elif kind == "stop":
+                    self._handle_stop(event[1], event[2])
+                    return
+            except Exception:
+                log.exception("mqtt_worker_error", kind=kind)
+
+    def _direct(self, topic: str, payload: str, qos: int, retain: bool) -> None:
+        if not self.connected and qos == 0:
+            return  # a score nobody can receive now: scores are not spooled unless spool_scores is set
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def _handle_connected(self) -> None:
+        self._connected.set()
+        self._generation += 1
+        log.info("mqtt_connected", host=self.mcfg.host, port=self.mcfg.port, spool_pending=len(self.spool))
+        self.client.publish(self.topics.status, "online", qos=1, retain=True)
+        if self._state_payload is not None:
+            self.client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+        self._publish_discovery()
+        self._flush()
+
+    def _publish_discovery(self) -> None:
+        for topic, payload in self._discovery.items():
+            self.client.publish(topic, payload, qos=1, retain=True)
+
+    def _handle_disconnected(self, reason: str) -> None:
+        if self._connected.is_set():
+            log.warning("mqtt_disconnected", reason=reason, spool_pending=len(self.spool))
+        self._connected.clear()
+        # Whatever paho holds now is re-sent by paho with the DUP flag; new appends are replays.
+        self._fresh.clear()
+
+    def _handle_acked(self, mid: int) -> None:
+        entry = self._handed.pop(mid, None)
+        if entry is None:
+            return  # a status, state or result message
+        seq, _ = entry
+        self._handed_seqs.discard(seq)
+        self._fresh.discard(seq)
+        self.spool.ack(seq)
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.connected:
+            return
+        if any(gen != self._generation for _, gen in self._handed.values()):
+            return  # paho is still re-sending older messages; keep the order
+        for record in self.spool.pending():
+            if len(self._handed) >= MAX_HANDED:
+                return
+            if record.seq in self._handed_seqs:
+                continue
+            self._hand(record)
+
+    def _hand(self, record: SpoolRecord) -> None:
+        payload = record.payload if record.seq in self._fresh else mark_replayed(record.payload)
+        info = self.client.publish(record.topic, payload, qos=record.qos, retain=record.retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and record.qos == 0:
+            return  # QoS 0 is not queued by paho: leave it in the spool for the next connect
+        self._handed[info.mid] = (record.seq, self._generation)
+        self._handed_seqs.add(record.seq)
+
+    def _handle_stop(self, status: str, done: threading.Event) -> None:
+        # Drain what was queued before stop: alerts must reach the spool even if the broker is down.
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if event[0] == "spool":
+                _, topic, payload, qos = event
+                self.spool.append(topic, payload, qos)
+        if self.connected:
+            deadline = time.monotonic() + 2.0
+            while self._handed and time.monotonic() < deadline:
+                try:
+                    event = self._events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if event[0] == "acked":
+                    self._handle_acked(event[1])
+            info = self.client.publish(self.topics.status, status, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2.0)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("final_status_not_sent", status=status, error=exc)
+        self.client.disconnect()
+        log.info("mqtt_stopped", status=status, spool_pending=len(self.spool))
+        done.set()
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def _make_client(self, cfg: AgentConfig) -> paho.Client:
+        m = self.mcfg
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, clean_session=True,
+                             protocol=paho.MQTTv311)
+        client.enable_logger(logging.getLogger("edge_agent.paho"))
+        client.will_set(self.topics.status, "offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=m.reconnect_min_seconds, max_delay=m.reconnect_max_seconds)
+        if m.username is not None:
+            client.username_pw_set(m.username, cfg.mqtt_password)
+        if m.tls is not None:
+            client.tls_set(
+                ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None,
+                certfile=str(m.tls.cert_file) if m.tls.cert_file else None,
+                keyfile=str(m.tls.key_file) if m.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            client.tls_insecure_set(m.tls.insecure)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_paho_message
+        return client
+
+
+def homeassistant_discovery(topics: Topics, discovery_prefix: str, sources: list[tuple[str, bool]],
+                            model_id: str) -> dict[str, str]:
+    """Discovery configs: per source a `problem` binary sensor on the alert topic, and a score sensor
+    when the source publishes scores. Available only while the node's status is `online`."""
+    node = topics.node
+    device = {"identifiers": [f"edge-asd-{node}"], "name": f"edge-asd {node}", "manufacturer": "edge-asd",
+              "model": model_id}
+    availability = [{"topic": topics.status,
+                     "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}]
+    out: dict[str, str] = {}
+    for source, scores in sources:
+        object_id = f"{node}_{source}".replace(".", "_")
+        out[f"{discovery_prefix}/binary_sensor/{object_id}/anomaly/config"] = _dumps({
+            "name": f"{source} anomaly", "unique_id": f"edge-asd-{node}-{source}-anomaly",
+            "state_topic": topics.alert(source), "device_class": "problem",
+            "value_template": "{{ 'OFF' if value_json.type == 'end' else 'ON' }}",
+            "json_attributes_topic": topics.alert(source), "availability": availability, "device": device})
+        if scores:
+            out[f"{discovery_prefix}/sensor/{object_id}/score/config"] = _dumps({
+                "name": f"{source} anomaly score", "unique_id": f"edge-asd-{node}-{source}-score",
+                "state_topic": topics.score(source), "value_template": "{{ value_json.score }}",
+                "state_class": "measurement", "availability": availability, "device": device})
+    return out
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"))

@@ -1,0 +1,148 @@
+"""Everything a config builds (encoders, banks, scorers, thresholds, sources), as one `Runtime`.
+
+`build_runtime` builds a new runtime completely beside the running one, reusing its unchanged parts,
+so that the agent can swap the reference atomically; it raises rather than half-builds. `LiveRuntime`
+holds the runtime in use and the lock that orders swaps against the hot loop's decisions.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.agent.config import AgentConfig, SourceConfig
+from edge_agent.agent.enroll_job import EnrollJob
+from edge_agent.agent.episodes import EpisodeTracker
+from edge_agent.agent.payloads import AlertContext
+from edge_agent.agent.sources import AudioSource, make_source
+from edge_agent.errors import ConfigError, EdgeAsdError
+from edge_agent.model.encoder import Encoder
+from edge_agent.model.model_set import ModelSet
+from edge_agent.scoring.bank import BANK_JSON
+from edge_agent.scoring.bank_set import ENSEMBLE_JSON, BankSet, load_banks
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.scorer import Scorer
+
+# Fields of a source whose change needs a new capture; any other change keeps the running capture.
+CAPTURE_FIELDS = ("type", "path", "realtime", "loop", "device", "sample_rate", "channels", "channel",
+                  "block_seconds", "buffer_seconds", "window_seconds", "hop_seconds", "speed",
+                  "stall_seconds", "retry_initial_seconds", "retry_max_seconds")
+
+
+@dataclass
+class SourcePipeline:
+    cfg: SourceConfig
+    source: AudioSource
+    bank: BankSet  # one bank per model of the runtime's model set
+    bank_id: str
+    scorer: Scorer
+    threshold: float
+    threshold_origin: str  # "config" | "bank"
+    tracker: EpisodeTracker
+    context: AlertContext
+    enroll: EnrollJob | None = None
+    bank_stamp: tuple[int, int, int] | None = None
+
+    @property
+    def scoring(self) -> ScoringConfig:
+        return self.cfg.scoring
+
+
+@dataclass
+class Runtime:
+    cfg: AgentConfig
+    models: ModelSet  # one encoder, or the members of an ensemble
+    pipelines: dict[str, SourcePipeline]
+    fresh_sources: list[AudioSource]  # built for this runtime, not yet started
+
+
+class LiveRuntime:
+    """The runtime in use. Swaps and the hot loop's decisions take `lock`; reading `current` needs no lock."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+        self.lock = threading.RLock()
+
+
+def build_models(cfg: AgentConfig, previous: Runtime | None) -> ModelSet:
+    if previous is not None and previous.cfg.model_configs == cfg.model_configs:
+        return previous.models
+    encoders = []
+    for key, mcfg in zip(cfg.model_keys, cfg.model_configs, strict=True):
+        try:
+            encoders.append(Encoder(mcfg.path, providers=tuple(mcfg.providers),
+                                    intra_op_threads=mcfg.intra_op_threads, allow_spinning=False))
+        except EdgeAsdError as exc:
+            raise ConfigError(f"{key}.path", str(exc), source=cfg.source_file) from None
+    try:
+        return ModelSet(encoders)
+    except ConfigError as exc:
+        raise exc.in_source(cfg.source_file) from None
+
+
+def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
+    """Build every part of `cfg`, reusing unchanged parts of `previous`; raises, never half-builds."""
+    models = build_models(cfg, previous)
+    pipelines: dict[str, SourcePipeline] = {}
+    fresh: list[AudioSource] = []
+    for i, src in enumerate(cfg.sources):
+        at = f"sources[{i}]"
+        old = previous.pipelines.get(src.name) if previous is not None else None
+        stamp = bank_stamp(src.bank)
+        if old is not None and old.cfg.bank == src.bank and old.bank_stamp == stamp and old.scoring == src.scoring \
+                and old.context.model == models.model_id:
+            banks, scorer, bank_id = old.bank, old.scorer, old.bank_id
+        else:
+            assert src.bank is not None  # parse_config requires it
+            try:
+                banks = load_banks(src.bank, models.members)
+                scorer = Scorer.fit(banks.banks, src.scoring)
+            except ConfigError as exc:
+                raise exc.under(at).in_source(cfg.source_file) from None
+            except EdgeAsdError as exc:
+                raise ConfigError(f"{at}.bank", str(exc), source=cfg.source_file) from None
+            bank_id = banks.content_hash()[:12]
+        threshold, origin = _threshold(src, banks, at, cfg.source_file)
+        context = AlertContext(node=cfg.node, source=src.name, model=models.model_id, bank=bank_id,
+                               threshold=threshold)
+        same_rate = old is not None and old.source.model_rate == models.capture_rate
+        if old is not None and same_rate and _capture_key(old.cfg) == _capture_key(src):
+            source = old.source
+        else:
+            source = make_source(src, models.capture_rate)
+            fresh.append(source)
+        tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
+        pipelines[src.name] = SourcePipeline(src, source, banks, bank_id, scorer, threshold, origin, tracker,
+                                             context, bank_stamp=stamp)
+    return Runtime(cfg, models, pipelines, fresh)
+
+
+def bank_stamp(directory: Path | None) -> tuple[int, int, int] | None:
+    """Identity of the banks on disk: a save swaps in a new directory, so bank.json (ensemble.json for
+    an ensemble) changes inode."""
+    if directory is None:
+        return None
+    for name in (ENSEMBLE_JSON, BANK_JSON):
+        try:
+            st = os.stat(Path(directory) / name)
+        except OSError:
+            continue
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    return None
+
+
+def _threshold(src: SourceConfig, banks: BankSet, at: str, file: str) -> tuple[float, str]:
+    if src.threshold is not None:
+        return float(src.threshold), "config"
+    value = (banks.threshold or {}).get("value")
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{at}.threshold", f"bank {src.bank} has no calibrated threshold; set one here",
+                          source=file)
+    return float(value), "bank"
+
+
+def _capture_key(src: SourceConfig) -> tuple[Any, ...]:
+    return tuple(getattr(src, name) for name in CAPTURE_FIELDS)

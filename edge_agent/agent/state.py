@@ -1,0 +1,96 @@
+"""The agent's state document (published retained, and the `status` command's result) and the metrics
+read from the running agent at scrape time."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from edge_agent import __version__
+from edge_agent.agent.outputs import DeliveryStats
+from edge_agent.agent.runtime import Runtime
+from edge_agent.clock import iso_time
+from edge_agent.model.model_set import ModelSet
+
+
+def agent_state(runtime: Runtime, node: str, started_at: float, delivery: DeliveryStats,
+                status: str) -> dict[str, Any]:
+    sources = []
+    degraded = False
+    for p in runtime.pipelines.values():
+        health = p.source.health.as_dict()
+        degraded |= health["state"] in ("lost", "failed")
+        sources.append({
+            "name": p.cfg.name, "type": p.cfg.type,
+            "bank": {"id": p.bank_id, "path": str(p.cfg.bank), "created_at": p.bank.created_at,
+                     "counts": {"source": p.bank.count_raw("source"), "target": p.bank.count_raw("target")}},
+            "threshold": p.threshold, "threshold_origin": p.threshold_origin,
+            "episode": p.tracker.episode.event_id if p.tracker.episode is not None else None,
+            "enrolling": p.enroll is not None,
+            "health": health,
+        })
+    state: dict[str, Any] = {
+        "schema_version": 1, "node": node, "status": status, "version": __version__,
+        "started_at": iso_time(started_at), "updated_at": iso_time(time.time()),
+        "config_hash": runtime.cfg.config_hash,
+        "model": model_state(runtime.models),
+        "sources": sources,
+        "health": "degraded" if degraded else "ok",
+    }
+    if delivery.spool is not None:
+        state["spool"] = {"pending": delivery.spool.pending, "dropped": delivery.spool.dropped}
+    return state
+
+
+def model_state(models: ModelSet) -> dict[str, Any]:
+    """The state's `model`: the model set's id, capture rate, longest member window at that rate and
+    providers, with `family` the encoder's (one model) or "ensemble"; `members` lists every encoder."""
+    members = models.describe()
+    rate = models.capture_rate
+    seconds = max(e.info.window_samples / e.info.sample_rate for e in models.encoders)
+    return {"id": models.model_id,
+            "family": members[0]["family"] if len(members) == 1 else "ensemble",
+            "variant": "+".join(e.info.variant for e in models.encoders),
+            "sample_rate": rate, "window_samples": round(seconds * rate),
+            "providers": list(dict.fromkeys(p for m in members for p in m["providers"])),
+            "members": members}
+
+
+def state_signature(state: dict[str, Any]) -> str:
+    slim = {k: v for k, v in state.items() if k not in ("updated_at", "spool")}
+    slim["sources"] = [{**s, "health": s["health"]["state"]} for s in state["sources"]]
+    return json.dumps(slim, sort_keys=True, default=str)
+
+
+def runtime_metrics(runtime: Runtime, delivery: DeliveryStats) -> Iterator[Metric]:
+    """Gauges and counters read from the runtime, its sources and the outputs at scrape time."""
+    threshold = GaugeMetricFamily("edge_agent_threshold", "Decision threshold in use", labels=["source"])
+    overflows = CounterMetricFamily("edge_agent_capture_overflows_total",
+                                    "Capture overruns (audio lost before windowing)", labels=["source"])
+    dropped = CounterMetricFamily("edge_agent_dropped_windows_total",
+                                  "Windows dropped because inference fell behind", labels=["source"])
+    up = GaugeMetricFamily("edge_agent_source_up", "1 while the source delivers audio", labels=["source"])
+    episode = GaugeMetricFamily("edge_agent_episode_active", "1 while an alert episode is open", labels=["source"])
+    for p in runtime.pipelines.values():
+        name, health = p.cfg.name, p.source.health
+        threshold.add_metric([name], p.threshold)
+        overflows.add_metric([name], health.overflows)
+        dropped.add_metric([name], health.dropped_windows)
+        up.add_metric([name], 1.0 if health.state == "running" else 0.0)
+        episode.add_metric([name], 1.0 if p.tracker.episode is not None else 0.0)
+    yield from (threshold, overflows, dropped, up, episode)
+    if delivery.spool is not None:
+        yield GaugeMetricFamily("edge_agent_spool_messages", "Messages waiting in the on-disk spool",
+                                value=delivery.spool.pending)
+        yield GaugeMetricFamily("edge_agent_spool_bytes", "Bytes waiting in the on-disk spool",
+                                value=delivery.spool.bytes)
+        yield CounterMetricFamily("edge_agent_spool_dropped_total",
+                                  "Spooled messages dropped because the spool was full", value=delivery.spool.dropped)
+    if delivery.broker_connected is not None:
+        yield GaugeMetricFamily("edge_agent_broker_connected", "1 while connected to the MQTT broker",
+                                value=1.0 if delivery.broker_connected else 0.0)

@@ -1,0 +1,1 @@
+"""Audio in: WAV files, resampling, and cutting clips and streams into encoder windows."""

@@ -1,0 +1,92 @@
+"""Windows: fit clips to the encoder's fixed window, cut recordings and live streams into windows.
+
+Short clips are tiled, never zero-padded: the embedding is a temporal mean, and a silent tail would
+shift it towards silence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    """One stretch of mono audio for the encoder, and where it came from.
+
+    Live (the agent's sources): `source` is the source's name and `start_time` the UTC epoch seconds of
+    the first sample. Offline (files): `source` is the file and `start_time` the offset into it in seconds.
+    """
+
+    source: str
+    start_time: float
+    samples: np.ndarray  # float32 mono at `sample_rate`
+    sample_rate: int
+    index: int = 0  # live: per-source counter since the source started
+    captured_at: float = 0.0  # live: time.monotonic() when the window was complete (latency)
+
+    @property
+    def name(self) -> str:
+        """Offline: `clip.wav`, or `recording.wav@20s` for a window cut further into a file."""
+        file = Path(self.source).name
+        return f"{file}@{self.start_time:g}s" if self.start_time else file
+
+
+def fit_to_window(audio: np.ndarray, window_samples: int) -> np.ndarray:
+    """Crop to the first window_samples, or repeat a shorter clip until it fills the window."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono audio [samples], got shape {audio.shape}")
+    if audio.shape[0] == 0:
+        raise ValueError("cannot fit an empty clip to a window")
+    if audio.shape[0] >= window_samples:
+        return audio[:window_samples]
+    repeats = -(-window_samples // audio.shape[0])
+    return np.tile(audio, repeats)[:window_samples]
+
+
+def sliding_windows(
+    audio: np.ndarray, window_samples: int, hop_samples: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(start sample, window) for every full window of a long recording."""
+    if hop_samples <= 0:
+        raise ValueError(f"hop must be positive (got {hop_samples})")
+    for start in range(0, audio.shape[0] - window_samples + 1, hop_samples):
+        yield start, audio[start:start + window_samples]
+
+
+class Windower:
+    """Cuts a timestamped live stream into windows of `window_seconds` every `hop_seconds`."""
+
+    def __init__(self, source: str, sample_rate: int, window_seconds: float, hop_seconds: float):
+        self.source = source
+        self.sample_rate = int(sample_rate)
+        self.window = max(1, round(window_seconds * sample_rate))
+        self.hop = max(1, round(hop_seconds * sample_rate))
+        self._buf = np.zeros(0, dtype=np.float32)
+        self._buf_time = 0.0  # capture time of _buf[0]
+        self._count = 0
+
+    def reset(self) -> None:
+        """Forget buffered samples: the next window starts after a gap (new file, lost device)."""
+        self._buf = np.zeros(0, dtype=np.float32)
+
+    def push(self, samples: np.ndarray, start_time: float, gap: bool = False) -> list[Window]:
+        if gap:
+            self.reset()
+        if len(self._buf) == 0:
+            self._buf_time = start_time
+        self._buf = np.concatenate([self._buf, np.asarray(samples, dtype=np.float32)])
+        out = []
+        now = time.monotonic()
+        while len(self._buf) >= self.window:
+            out.append(Window(self.source, self._buf_time, self._buf[: self.window].copy(), self.sample_rate,
+                              self._count, now))
+            self._count += 1
+            self._buf = self._buf[self.hop:]
+            self._buf_time += self.hop / self.sample_rate
+        return out

@@ -1,0 +1,1 @@
+"""Anomaly scores from memory banks: kNN search, domain normalizers, banks on disk, enrollment, thresholds."""

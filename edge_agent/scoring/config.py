@@ -1,0 +1,95 @@
+"""How scores are computed: the scoring config (normalizer, kNN and HNSW settings, layers), validated.
+
+Errors name the field as `scoring.<field>`, the config section this dataclass is; `from_dict(data, path)`
+places them where the section was found (`sources[0].scoring.k_n` in an agent config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from edge_agent.errors import ConfigError
+from edge_agent.scoring.knn import DEFAULT_EXACT_BELOW, METRICS, HnswParams
+
+SECTION = "scoring"
+NORMALIZERS: tuple[str, ...] = ("none", "zscore-test", "zscore-domain", "ld", "ld-domain")
+SIGMA_FALLBACKS: tuple[str, ...] = ("pooled", "source")
+LD_REDUCES: tuple[str, ...] = ("mean", "sum")
+# Config fields the normalizer statistics depend on: stored statistics are reused only if they match.
+_STAT_FIELDS = ("normalizer", "metric", "k_n", "ld_k", "ld_reduce", "k_source", "k_target",
+                "sigma_fallback", "sigma_min_target")
+_INT_MINIMUMS = (("k_n", 1), ("ld_k", 1), ("k_source", 1), ("k_target", 1), ("candidates", 1), ("exact_below", 0),
+                 ("hnsw_m", 2), ("hnsw_ef_construction", 1), ("hnsw_ef_search", 1), ("hnsw_seed", 0),
+                 ("sigma_min_target", 2))
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    normalizer: str = "ld-domain"
+    metric: str = "euclidean"
+    k_n: int = 1  # kNN score: mean distance to the k_n nearest refs
+    ld_k: int = 16  # `ld`: neighbours over S U T for b(y)
+    ld_reduce: str = "mean"  # b(y) = mean (default) or sum of the K distances
+    k_source: int = 16  # `ld-domain`: K_S
+    k_target: int = 9  # `ld-domain`: K_T
+    # HNSW candidates for min_y d(x, y) / b(y) on large banks; 128: docs/benchmarks.md (ld-domain study)
+    candidates: int = 128
+    exact_below: int = DEFAULT_EXACT_BELOW  # banks with fewer refs use exact search
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 256
+    hnsw_seed: int = 0
+    sigma_fallback: str = "pooled"  # zscore-domain: sigma when the target bank is too small
+    sigma_min_target: int = 4  # zscore-domain: fewer target refs than this use the fallback sigma
+    layers: tuple[str, ...] | None = None  # None: the model's default_layers present in the bank
+
+    def __post_init__(self) -> None:
+        _choice("normalizer", self.normalizer, NORMALIZERS)
+        _choice("metric", self.metric, METRICS)
+        _choice("ld_reduce", self.ld_reduce, LD_REDUCES)
+        _choice("sigma_fallback", self.sigma_fallback, SIGMA_FALLBACKS)
+        for name, low in _INT_MINIMUMS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{SECTION}.{name}", f"must be an integer >= {low}", value)
+        if self.layers is not None:
+            layers = self.layers
+            if (not isinstance(layers, tuple) or not layers
+                    or not all(isinstance(x, str) and x for x in layers) or len(set(layers)) != len(layers)):
+                raise ConfigError(f"{SECTION}.layers", "must be a non-empty list of distinct layer names", layers)
+
+    @property
+    def hnsw(self) -> HnswParams:
+        return HnswParams(m=self.hnsw_m, ef_construction=self.hnsw_ef_construction,
+                          ef_search=self.hnsw_ef_search, seed=self.hnsw_seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object, path: str = SECTION) -> ScoringConfig:
+        """Validate a mapping (YAML, JSON, a stored bank's config); errors are placed at `path`."""
+        try:
+            if not isinstance(data, dict):
+                raise ConfigError(SECTION, "must be a mapping", data)
+            known = {f.name for f in fields(cls)}
+            for key in data:
+                if key not in known:
+                    raise ConfigError(f"{SECTION}.{key}", f"unknown key; known: {', '.join(sorted(known))}")
+            values = dict(data)
+            if isinstance(values.get("layers"), list):
+                values["layers"] = tuple(values["layers"])
+            return cls(**values)
+        except ConfigError as exc:
+            raise exc.relocated(SECTION, path) from None
+
+    def statistics_key(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _STAT_FIELDS}
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{SECTION}.{name}", f"must be one of {', '.join(allowed)}", value)
