@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ PATCH = 16
 DEPTH = 12
 
 # The architecture every official BEATs checkpoint has; a cfg that differs is not a model this code runs.
-OFFICIAL_CFG: dict[str, object] = {
+OFFICIAL_CFG: dict[str, Any] = {
     "input_patch_size": 16,
     "embed_dim": 512,
     "conv_bias": False,
@@ -57,7 +58,7 @@ OFFICIAL_CFG: dict[str, object] = {
     "gru_rel_pos": True,
 }
 # BEATsConfig's own defaults, used for fields a cfg leaves out (as BEATsConfig.update would).
-BEATS_CONFIG_DEFAULTS: dict[str, object] = {
+BEATS_CONFIG_DEFAULTS: dict[str, Any] = {
     "input_patch_size": -1,
     "embed_dim": 512,
     "conv_bias": False,
@@ -259,7 +260,7 @@ def _layer_indices(layers: Sequence[str]) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def official_shapes(cfg: Mapping[str, object]) -> dict[str, tuple[int, ...]]:
+def official_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor of an official BEATs state dict and its shape (the relative-position table is
     stored under each layer: the official model shares layer 0's module and state_dict repeats it)."""
     embed, dim = int(cfg["embed_dim"]), int(cfg["encoder_embed_dim"])
@@ -340,7 +341,7 @@ def _check_keys(path: Path, state: Mapping[str, torch.Tensor], expected: Mapping
         raise CheckpointError(f"{path}: keys do not match BEATs: " + "; ".join(problems))
 
 
-def _module_state(cfg: Mapping[str, object], state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def _module_state(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Official state dict -> BEATsEncoder's parameters (weight norm folded, shared table once)."""
     converted = {k: v.float() for k, v in state.items() if not k.startswith("predictor.")
                  and "relative_attention_bias" not in k and not k.startswith("encoder.pos_conv.0.")}
@@ -404,7 +405,7 @@ def official_config(finetuned: bool = False) -> dict[str, object]:
     return cfg
 
 
-def random_state_dict(cfg: Mapping[str, object], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def random_state_dict(cfg: Mapping[str, Any], rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Random tensors for every official key, with norms, biases, gates and the position table moved
     well away from their default inits (identity norms and unit gates would hide wiring mistakes)."""
     shapes = official_shapes(cfg)

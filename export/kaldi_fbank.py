@@ -83,6 +83,10 @@ def windowed_dft_basis(window: np.ndarray, n_fft: int) -> np.ndarray:
 class KaldiFbank(nn.Module):
     """waveform [B, S] float32 -> BEATs-normalized Kaldi fbank [B, num_frames(S), 128]."""
 
+    frame_index: torch.Tensor
+    dft_basis: torch.Tensor
+    mel_banks: torch.Tensor
+
     def __init__(self, samples: int, normalize: bool = True) -> None:
         super().__init__()
         frames = num_frames(samples)

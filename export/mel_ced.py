@@ -87,6 +87,12 @@ class MelCED(nn.Module):
     only meaningful after that. `decibels()` returns the features before the BatchNorm.
     """
 
+    frame_index: torch.Tensor
+    dft_basis: torch.Tensor
+    mel_banks: torch.Tensor
+    bn_scale: torch.Tensor
+    bn_shift: torch.Tensor
+
     def __init__(self, samples: int) -> None:
         super().__init__()
         self.register_buffer("frame_index", torch.from_numpy(reflect_frame_index(samples)))

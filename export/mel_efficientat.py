@@ -78,6 +78,9 @@ def num_frames(samples: int) -> int:
 class MelEfficientAT(nn.Module):
     """waveform [B, S] float32 -> normalized log-mel [B, 128, 1 + (S-1)//320]."""
 
+    dft_bases: torch.Tensor
+    mel_banks: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         mel = kaldi_mel_banks()

@@ -338,7 +338,7 @@ def _convert(hint: Any, value: object, path: str, ctx: _Ctx) -> Any:
             return ScoringConfig.from_dict(value, path=path)
         except ConfigError as exc:
             raise exc.in_source(ctx.source) from None
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, path, ctx)
     if hint is bool:
         if not isinstance(value, bool):

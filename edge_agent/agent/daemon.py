@@ -15,6 +15,7 @@ import queue
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from edge_agent.agent.config import AgentConfig, load_config, load_default_config
 from edge_agent.agent.control import ControlPlane, ControlRequest
@@ -53,7 +54,7 @@ class Agent:
     def runtime(self) -> Runtime:
         return self.live.current
 
-    def state(self, status: str = "online") -> dict[str, object]:
+    def state(self, status: str = "online") -> dict[str, Any]:
         return self.control.state(status)
 
     def run(self) -> int:

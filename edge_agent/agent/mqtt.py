@@ -182,7 +182,7 @@ class MqttPublisher:
         if message.retain:
             return  # a stale retained command or config must not be re-applied at every connect
         try:
-            self._on_message(message.topic, message.payload)
+            self._on_message(message.topic, bytes(message.payload))
         except Exception:
             log.exception("control_message_failed", topic=message.topic)
 

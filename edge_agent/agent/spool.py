@@ -141,7 +141,7 @@ class Spool:
         good_bytes = 0
         with open(path, "rb") as handle:
             for raw in handle:
-                record = self._parse(raw)
+                record = _parse_line(raw)
                 if record is None:
                     self.recovered_torn += 1
                     break  # everything after a torn line is suspect: it was the tail being written
@@ -159,20 +159,6 @@ class Spool:
             self._next_seq = max(self._next_seq, max(acked) + 1)
         if self._pending:
             log.info("spool_loaded", pending=len(self._pending), bytes=self._bytes)
-
-    @staticmethod
-    def _parse(raw: bytes) -> SpoolRecord | None:
-        if not raw.endswith(b"\n"):
-            return None
-        try:
-            crc, body = raw[:-1].split(b" ", 1)
-            if int(crc, 16) != zlib.crc32(body):
-                return None
-            data = json.loads(body)
-            return SpoolRecord(int(data["seq"]), str(data["topic"]), str(data["payload"]), int(data["qos"]),
-                               bool(data["retain"]))
-        except (ValueError, KeyError, TypeError):
-            return None
 
     def _compact(self) -> None:
         with replacing(self.dir / MESSAGES) as tmp:
@@ -192,3 +178,17 @@ def _line(record: SpoolRecord) -> str:
     body = json.dumps({"seq": record.seq, "topic": record.topic, "qos": record.qos, "retain": record.retain,
                        "payload": record.payload}, separators=(",", ":"))
     return f"{zlib.crc32(body.encode()):08x} {body}\n"
+
+
+def _parse_line(raw: bytes) -> SpoolRecord | None:
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        crc, body = raw[:-1].split(b" ", 1)
+        if int(crc, 16) != zlib.crc32(body):
+            return None
+        data = json.loads(body)
+        return SpoolRecord(int(data["seq"]), str(data["topic"]), str(data["payload"]), int(data["qos"]),
+                           bool(data["retain"]))
+    except (ValueError, KeyError, TypeError):
+        return None

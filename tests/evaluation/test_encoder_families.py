@@ -12,7 +12,8 @@ from edge_agent.evaluation.evaluate import embed_dataset, score_embeddings
 from edge_agent.evaluation.synthetic import synthesize_dataset
 from edge_agent.model.encoder import Encoder
 from edge_agent.scoring.config import ScoringConfig
-from export.onnx_export import ExportResult
+
+from ..exported import ExportedModel
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("family", ["beats", "ced-tiny"])
 def test_family_loads_and_evaluates(family: str, tiny_dataset: Path, request: pytest.FixtureRequest) -> None:
-    export: ExportResult = request.getfixturevalue("beats_export" if family == "beats" else "ced_tiny_export")
+    export: ExportedModel = request.getfixturevalue("beats_model" if family == "beats" else "ced_tiny_model")
     encoder = Encoder(export.path, providers=["cpu"])
     assert encoder.info == export.info and encoder.info.sample_rate == 16000
     embeddings = embed_dataset([export.path], tiny_dataset, progress=False, layers="default")
@@ -34,9 +35,9 @@ def test_family_loads_and_evaluates(family: str, tiny_dataset: Path, request: py
     assert all(np.isfinite(section.scores).all() for section in result.sections)
 
 
-def test_ensemble_of_two_families(tiny_dataset: Path, ced_tiny_export: ExportResult,
+def test_ensemble_of_two_families(tiny_dataset: Path, ced_tiny_model: ExportedModel,
                                   mn04_random_onnx: Path) -> None:
-    paths = [ced_tiny_export.path, mn04_random_onnx]
+    paths = [ced_tiny_model.path, mn04_random_onnx]
     both = embed_dataset(paths, tiny_dataset, progress=False, layers="default")
     cfg = ScoringConfig(normalizer="ld-domain")
     ensemble = score_embeddings(both, cfg)

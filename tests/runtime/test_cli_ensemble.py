@@ -12,8 +12,8 @@ import pytest
 from edge_agent.cli import main
 from edge_agent.evaluation.synthetic import synthesize_dataset
 from edge_agent.scoring.bank_set import ENSEMBLE_JSON
-from export.onnx_export import ExportResult
 
+from ..exported import ExportedModel
 from .toy_model import toy_info, write_toy_model
 
 
@@ -25,8 +25,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(mn04_random_onnx: Path, ced_tiny_export: ExportResult) -> tuple[Path, Path]:
-    return mn04_random_onnx, ced_tiny_export.path
+def models(mn04_random_onnx: Path, ced_tiny_model: ExportedModel) -> tuple[Path, Path]:
+    return mn04_random_onnx, ced_tiny_model.path
 
 
 def _json_lines(text: str) -> list[dict]:
