@@ -24,7 +24,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "models" / "bench"  # /models/ is git-ignored
 RESULTS_DIR = REPO / "bench" / "results"
-MN04_CHECKPOINT = Path("/work/shared/models/efficientat/mn04_as_mAP_432.pt")
+# The real mn04 weights: $EDGE_ASD_WEIGHTS_DIR (as edge-export reads it), else ../shared/models beside the checkout.
+WEIGHTS_DIR = Path(os.environ.get("EDGE_ASD_WEIGHTS_DIR") or REPO.parent / "shared" / "models")
+MN04_CHECKPOINT = WEIGHTS_DIR / "efficientat" / "mn04_as_mAP_432.pt"
 ENCODERS = ("mn04", "beats", "ced-tiny", "ced-mini", "ced-small", "ced-base")
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -29,8 +29,12 @@ PAIRS = ((48_000, 32_000), (48_000, 16_000), (16_000, 32_000), (44_100, 16_000),
 
 
 def load_baseline(rev: str, tmp: Path) -> Any:
-    source = subprocess.run(["git", "show", f"{rev}:edge_agent/resample.py"], cwd=benchlib.REPO, check=True,
-                            capture_output=True, text=True).stdout
+    for where in ("edge_agent/audio/resample.py", "edge_agent/resample.py"):  # the file moved with the packages
+        shown = subprocess.run(["git", "show", f"{rev}:{where}"], cwd=benchlib.REPO, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    source = shown.stdout
     path = tmp / "resample_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("resample_baseline", path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -28,3 +31,43 @@ class ExportableEncoder(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:  # pragma: no cover
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BlockLayers:
+    """The outputs of a family whose variants all have `depth` blocks, exported as layer_1 .. layer_<depth>."""
+
+    family: str  # as messages name it: "BEATs", "CED"
+    variants: tuple[str, ...]
+    depth: int
+    defaults: tuple[str, ...]  # the scoring defaults, documented with evidence in the family module
+
+    def check_variant(self, variant: str) -> None:
+        if variant not in self.variants:
+            raise ValueError(f"unknown {self.family} variant {variant!r}; known: {', '.join(self.variants)}")
+
+    def available(self, variant: str) -> tuple[str, ...]:
+        self.check_variant(variant)
+        return tuple(f"layer_{i}" for i in range(1, self.depth + 1))
+
+    def default(self, variant: str) -> tuple[str, ...]:
+        self.check_variant(variant)
+        return self.defaults
+
+    def exported_by_default(self, variant: str) -> tuple[str, ...]:
+        """All blocks, so layers can be chosen on development data; `--layers` trims the graph for a device."""
+        return self.available(variant)
+
+    def indices(self, layers: Sequence[str]) -> tuple[int, ...]:
+        """layer_i names -> block numbers i (1-based), refusing unknown or repeated names."""
+        if not layers:
+            raise ValueError("no layers requested")
+        indices = []
+        for name in layers:
+            number = name.removeprefix("layer_")
+            if not name.startswith("layer_") or not number.isdigit() or not 1 <= int(number) <= self.depth:
+                raise ValueError(f"{self.family} has outputs layer_1 .. layer_{self.depth}; got {name!r}")
+            indices.append(int(number))
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"layers repeat: {list(layers)}")
+        return tuple(indices)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from export.base import CheckpointError, ExportableEncoder
+from export.base import BlockLayers, CheckpointError, ExportableEncoder
 from export.kaldi_fbank import SAMPLE_RATE, KaldiFbank, num_frames
 from export.pooling import pool_grid, pooled_dim
 
@@ -83,24 +83,10 @@ BEATS_CONFIG_DEFAULTS: dict[str, Any] = {
 DEFAULT_LAYERS = ("layer_4", "layer_5")
 
 
-def available_layers(variant: str) -> tuple[str, ...]:
-    _check_variant(variant)
-    return tuple(f"layer_{i}" for i in range(1, DEPTH + 1))
-
-
-def default_layers(variant: str) -> tuple[str, ...]:
-    _check_variant(variant)
-    return DEFAULT_LAYERS
-
-
-def default_exported_layers(variant: str) -> tuple[str, ...]:
-    """All blocks, so layers can be chosen on development data; `--layers` trims the graph for a device."""
-    return available_layers(variant)
-
-
-def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown BEATs variant {variant!r}; known: {', '.join(VARIANTS)}")
+LAYERS = BlockLayers("BEATs", VARIANTS, DEPTH, DEFAULT_LAYERS)
+available_layers = LAYERS.available
+default_layers = LAYERS.default
+default_exported_layers = LAYERS.exported_by_default
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -204,9 +190,9 @@ class BEATsEncoder(ExportableEncoder):
 
     def __init__(self, layers: Sequence[str], pooling: str, variant: str = "beats") -> None:
         super().__init__()
-        _check_variant(variant)
+        LAYERS.check_variant(variant)
         self.variant = variant
-        self.layer_indices = _layer_indices(layers)
+        self.layer_indices = LAYERS.indices(layers)
         cfg = OFFICIAL_CFG
         dim = int(cfg["encoder_embed_dim"])
         self.frames = num_frames(WINDOW_SAMPLES) // PATCH * PATCH
@@ -241,20 +227,6 @@ class BEATsEncoder(ExportableEncoder):
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grids = self.token_grids(waveform)
         return tuple(pool_grid(grids[i - 1], self.pooling) for i in self.layer_indices)
-
-
-def _layer_indices(layers: Sequence[str]) -> tuple[int, ...]:
-    if not layers:
-        raise ValueError("no layers requested")
-    indices = []
-    for name in layers:
-        number = name.removeprefix("layer_")
-        if not name.startswith("layer_") or not number.isdigit() or not 1 <= int(number) <= DEPTH:
-            raise ValueError(f"BEATs has outputs layer_1 .. layer_{DEPTH}; got {name!r}")
-        indices.append(int(number))
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"layers repeat: {list(layers)}")
-    return tuple(indices)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -382,7 +354,7 @@ def load_checkpoint(model: BEATsEncoder, path: Path) -> dict[str, object]:
 
 def build(variant: str, layers: Sequence[str], pooling: str, checkpoint: Path | None,
           seed: int = 0) -> BEATsEncoder:
-    _check_variant(variant)
+    LAYERS.check_variant(variant)
     if checkpoint is None:
         model = BEATsEncoder(layers, pooling, variant)
         state = random_state_dict(official_config(), np.random.default_rng(seed))
@@ -432,7 +404,7 @@ def random_state_dict(cfg: Mapping[str, Any], rng: np.random.Generator) -> dict[
 def write_random_checkpoint(path: Path, variant: str = "beats", seed: int = 0, kind: str = "iter3") -> None:
     """An official-layout BEATs .pt with random weights. kind: "iter3" (self-supervised, also the
     iter3+ layout) or "as2m-finetuned" (adds cfg finetuned_model=True and the 527-class predictor)."""
-    _check_variant(variant)
+    LAYERS.check_variant(variant)
     if kind not in ("iter3", "as2m-finetuned"):
         raise ValueError(f"kind {kind!r} is not 'iter3' or 'as2m-finetuned'")
     cfg = official_config(finetuned=kind == "as2m-finetuned")

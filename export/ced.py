@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from export.base import CheckpointError, ExportableEncoder
+from export.base import BlockLayers, CheckpointError, ExportableEncoder
 from export.checkpoints import OfficialWeights
 from export.mel_ced import N_MELS, SAMPLE_RATE, MelCED, htk_mel_banks, num_frames, periodic_hann
 from export.pooling import pool_grid, pooled_dim
@@ -56,24 +56,10 @@ OFFICIAL_WEIGHTS = {
 }
 
 
-def available_layers(variant: str) -> tuple[str, ...]:
-    _check_variant(variant)
-    return tuple(f"layer_{i}" for i in range(1, DEPTH + 1))
-
-
-def default_layers(variant: str) -> tuple[str, ...]:
-    _check_variant(variant)
-    return DEFAULT_LAYERS
-
-
-def default_exported_layers(variant: str) -> tuple[str, ...]:
-    """All blocks, so layers can be chosen on development data; `--layers` trims the graph for a device."""
-    return available_layers(variant)
-
-
-def _check_variant(variant: str) -> None:
-    if variant not in SIZES:
-        raise ValueError(f"unknown CED variant {variant!r}; known: {', '.join(VARIANTS)}")
+LAYERS = BlockLayers("CED", VARIANTS, DEPTH, DEFAULT_LAYERS)
+available_layers = LAYERS.available
+default_layers = LAYERS.default
+default_exported_layers = LAYERS.exported_by_default
 
 
 class Attention(nn.Module):
@@ -130,10 +116,10 @@ class CEDEncoder(ExportableEncoder):
 
     def __init__(self, variant: str, layers: Sequence[str], pooling: str) -> None:
         super().__init__()
-        _check_variant(variant)
+        LAYERS.check_variant(variant)
         self.variant = variant
         dim, heads = SIZES[variant]
-        self.layer_indices = _layer_indices(layers)
+        self.layer_indices = LAYERS.indices(layers)
         self.time_patches = num_frames(WINDOW_SAMPLES) // PATCH
         self.freq_patches = N_MELS // PATCH
         self.frontend = MelCED(WINDOW_SAMPLES)
@@ -164,20 +150,6 @@ class CEDEncoder(ExportableEncoder):
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grids = self.token_grids(waveform)
         return tuple(pool_grid(grids[i - 1], self.pooling) for i in self.layer_indices)
-
-
-def _layer_indices(layers: Sequence[str]) -> tuple[int, ...]:
-    if not layers:
-        raise ValueError("no layers requested")
-    indices = []
-    for name in layers:
-        number = name.removeprefix("layer_")
-        if not name.startswith("layer_") or not number.isdigit() or not 1 <= int(number) <= DEPTH:
-            raise ValueError(f"CED has outputs layer_1 .. layer_{DEPTH}; got {name!r}")
-        indices.append(int(number))
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"layers repeat: {list(layers)}")
-    return tuple(indices)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -337,7 +309,7 @@ def _load_state(model: CEDEncoder, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def build(variant: str, layers: Sequence[str], pooling: str, checkpoint: Path | None, seed: int = 0) -> CEDEncoder:
-    _check_variant(variant)
+    LAYERS.check_variant(variant)
     model = CEDEncoder(variant, layers, pooling)
     if checkpoint is None:
         _load_state(model, random_state_dict(variant, np.random.default_rng(seed)))
@@ -380,7 +352,7 @@ def random_state_dict(variant: str, rng: np.random.Generator) -> dict[str, torch
 def write_random_checkpoint(path: Path, variant: str, seed: int = 0) -> None:
     """A CED checkpoint with random weights: the original release layout (a flat state dict .pt), or the
     Hugging Face layout when `path` ends in .safetensors (with a config.json beside it)."""
-    _check_variant(variant)
+    LAYERS.check_variant(variant)
     state = random_state_dict(variant, np.random.default_rng(seed))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,13 +10,12 @@ A family module may declare `OFFICIAL_WEIGHTS: dict[variant, OfficialWeights]`. 
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from edge_agent.fsutil import sha256_file
+from edge_agent.fsutil import replacing, sha256_file
 from export.base import CheckpointError
 
 WEIGHTS_DIR_ENV = "EDGE_ASD_WEIGHTS_DIR"
@@ -98,26 +97,20 @@ def download(official: OfficialWeights, dest: Path) -> Path:
     if dest.is_file() and sha256_file(dest) == official.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(official.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-            except OSError as exc:  # URLError, timeouts and socket errors are all OSErrors
-                raise CheckpointError(
-                    f"{official.file_name}: download from {official.url} failed ({exc}); "
-                    f"place the file in a weights dir (--weights-dir or ${WEIGHTS_DIR_ENV}) or pass --checkpoint"
-                ) from None
+    with replacing(dest) as tmp, open(tmp, "wb") as out:
+        try:
+            with urllib.request.urlopen(official.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+        except OSError as exc:  # URLError, timeouts and socket errors are all OSErrors
+            raise CheckpointError(
+                f"{official.file_name}: download from {official.url} failed ({exc}); "
+                f"place the file in a weights dir (--weights-dir or ${WEIGHTS_DIR_ENV}) or pass --checkpoint"
+            ) from None
+        out.flush()
         actual = sha256_file(tmp)
         if actual != official.sha256:
             raise CheckpointError(
                 f"{official.file_name}: downloaded file has sha256 {actual}, expected {official.sha256}"
             )
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return dest

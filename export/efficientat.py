@@ -16,8 +16,6 @@ Block numbering (`layer_<i>` = the time-mean pooled output of `features[i]`):
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edge_agent.fsutil import replacing
 from edge_agent.model_info import POOLINGS
 from export.base import CheckpointError, ExportableEncoder
 from export.checkpoints import OfficialWeights
@@ -393,12 +392,7 @@ def write_random_checkpoint(path: Path, variant: str, seed: int = 0) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = random_state_dict(variant, seed)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Saved through a file object: torch names the archive inside after a path's file name, and the
+    # temporary name is random, which would make the file (and its sha256) differ run to run.
+    with replacing(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)

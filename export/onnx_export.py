@@ -20,10 +20,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from edge_agent.fsutil import replacing, sha256_file
 from edge_agent.model_info import INPUT_NAME, ModelInfo
 from export import EXPORTER_VERSION
 from export.base import ExportableEncoder
-from export.checkpoints import resolve_checkpoint, sha256_file
+from export.checkpoints import resolve_checkpoint
 from export.registry import family_for
 
 OPSET = 17
@@ -95,36 +96,32 @@ def export_model(
 
     target = out / f"{name}.onnx"
     fp32_tmp = _temp_path(out, f"{name}.fp32")
-    final_tmp = _temp_path(out, name)
     try:
-        _torch_to_onnx(model, fp32_tmp)
-        _write_metadata(fp32_tmp, info)
-        max_rel = verify_against_torch(model, fp32_tmp, seed) if verify else None
-        if verify and max_rel is not None and not max_rel <= MAX_REL_ERROR:  # NaN fails too
-            raise ExportError(
-                f"{name}: ONNX output differs from PyTorch by {max_rel:.3g} (relative) > {MAX_REL_ERROR:g}"
-            )
-        reduced_error = ms = fp32_ms = None
-        if precision == "fp32":
-            os.replace(fp32_tmp, final_tmp)
-        else:
-            scopes = tuple(getattr(model, "keep_fp32_scopes", FRONTEND_SCOPES))
-            if fp16:
-                _convert_fp16(fp32_tmp, final_tmp, scopes)
+        with replacing(target, mode=0o644) as final_tmp:  # a model is not a secret
+            _torch_to_onnx(model, fp32_tmp)
+            _write_metadata(fp32_tmp, info)
+            max_rel = verify_against_torch(model, fp32_tmp, seed) if verify else None
+            if verify and max_rel is not None and not max_rel <= MAX_REL_ERROR:  # NaN fails too
+                raise ExportError(
+                    f"{name}: ONNX output differs from PyTorch by {max_rel:.3g} (relative) > {MAX_REL_ERROR:g}"
+                )
+            reduced_error = ms = fp32_ms = None
+            if precision == "fp32":
+                os.replace(fp32_tmp, final_tmp)
             else:
-                _quantize_int8(fp32_tmp, final_tmp, scopes)
-            _write_metadata(final_tmp, info)
-            reduced_error = compare_onnx(fp32_tmp, final_tmp, info.window_samples, seed)
-            if not np.isfinite(reduced_error):
-                raise ExportError(f"{name}: the {precision} model gives non-finite outputs (fp16 overflow?); "
-                                  "not written")
-            ms, fp32_ms = cpu_ms_per_window(final_tmp, info), cpu_ms_per_window(fp32_tmp, info)
-        os.chmod(final_tmp, 0o644)  # mkstemp files are private; a model is not a secret
-        os.replace(final_tmp, target)
+                scopes = tuple(getattr(model, "keep_fp32_scopes", FRONTEND_SCOPES))
+                if fp16:
+                    _convert_fp16(fp32_tmp, final_tmp, scopes)
+                else:
+                    _quantize_int8(fp32_tmp, final_tmp, scopes)
+                _write_metadata(final_tmp, info)
+                reduced_error = compare_onnx(fp32_tmp, final_tmp, info.window_samples, seed)
+                if not np.isfinite(reduced_error):
+                    raise ExportError(f"{name}: the {precision} model gives non-finite outputs (fp16 overflow?); "
+                                      "not written")
+                ms, fp32_ms = cpu_ms_per_window(final_tmp, info), cpu_ms_per_window(fp32_tmp, info)
     finally:
-        for tmp in (fp32_tmp, final_tmp):
-            if tmp.exists():
-                tmp.unlink()
+        fp32_tmp.unlink(missing_ok=True)
     return ExportResult(target, info, max_rel, time.perf_counter() - start, precision, reduced_error, ms, fp32_ms)
 
 

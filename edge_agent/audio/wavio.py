@@ -14,6 +14,7 @@ from typing import BinaryIO
 import numpy as np
 
 from edge_agent.errors import AudioError
+from edge_agent.fsutil import atomic_write
 
 _PCM = 0x0001
 _FLOAT = 0x0003
@@ -60,11 +61,7 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int, float32: bool = F
     header += b"fmt " + struct.pack("<IHHIIHH", 16, code, channels, sample_rate,
                                     sample_rate * block, block, bits)
     header += b"data" + struct.pack("<I", len(payload))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(header)
-        fh.write(payload)
-    os.replace(tmp, path)
+    atomic_write(path, header + payload, sync=False)  # test and demo audio: cheap to write again
 
 
 def _parse(path: Path, read_data: bool) -> tuple[tuple[int, int, int, int], bytes, int]:

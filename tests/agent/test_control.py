@@ -183,3 +183,33 @@ def test_home_assistant_discovery_follows_the_sources(tmp_path: Path, toy_model:
         assert [r["ok"] for r in watcher.on(f"{BASE}/config/result")] == [True, True]
     finally:
         assert stop_agent(proc, log) == 0, log.read_text()
+
+
+def test_bad_scoring_keys_are_answered_with_path_message_and_value(tmp_path: Path, toy_model: Path,
+                                                                   bank_dir: Path, broker: Mosquitto,
+                                                                   watcher: Watcher, validators: dict) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (4, 6))
+    cfg, log, proc = _running_agent(tmp_path, toy_model, bank_dir, broker, wav, watcher)
+    expected = [
+        ({"k_n": 0}, {"path": "sources[0].scoring.k_n", "message": "must be an integer >= 1", "value": 0}),
+        ({"normalizer": "magic"}, {"path": "sources[0].scoring.normalizer",
+                                   "message": "must be one of none, zscore-test, zscore-domain, ld, ld-domain",
+                                   "value": "magic"}),
+        ({"layers": ["layer_9"]}, {"path": "sources[0].scoring.layers",
+                                   "message": "not in the bank (it has layer_1, layer_2)", "value": "layer_9"}),
+    ]
+    try:
+        original = cfg.read_text()
+        for i, (scoring, error) in enumerate(expected):
+            doc = yaml.safe_load(original)
+            doc["sources"][0]["scoring"] = scoring
+            watcher.publish(f"{BASE}/config/set", json.dumps({"id": f"bad-{i}", "config": doc}))
+            watcher.wait_for(lambda m, n=i + 1: len(watcher.on(f"{BASE}/config/result")) >= n,
+                             what=f"config result {i}")
+            result = watcher.on(f"{BASE}/config/result")[i]
+            validators["config_result"].validate(result)
+            assert result["ok"] is False and result["request_id"] == f"bad-{i}"
+            assert result["error"] == error
+        assert cfg.read_text() == original and proc.poll() is None
+    finally:
+        assert stop_agent(proc, log) == 0, log.read_text()

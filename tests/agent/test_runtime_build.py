@@ -59,3 +59,18 @@ def test_unchanged_parts_are_reused_and_a_rebuilt_bank_is_reloaded(tmp_path: Pat
     assert third.pipelines["fan"].bank.count_raw("source") == 12
     moved = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", hop_seconds: 5"), third)
     assert moved.pipelines["fan"].source is not third.pipelines["fan"].source and len(moved.fresh_sources) == 1
+
+
+def test_a_scoring_error_carries_path_message_and_value_as_fields(tmp_path: Path, toy_model: Path,
+                                                                  bank_dir: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", scoring: {layers: [layer_9]}"), None)
+    error = info.value
+    assert (error.path, error.message, error.value) == (
+        "sources[0].scoring.layers", "not in the bank (it has layer_1, layer_2)", "layer_9")
+    assert str(error) == ("agent.yaml: sources[0].scoring.layers: not in the bank (it has layer_1, layer_2) "
+                          "(got 'layer_9')")
+    with pytest.raises(ConfigError) as info:
+        _cfg(tmp_path, toy_model, bank_dir, ", scoring: {k_n: 0}")
+    assert (info.value.path, info.value.message, info.value.value) == (
+        "sources[0].scoring.k_n", "must be an integer >= 1", 0)
