@@ -83,10 +83,20 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int | None = N
         tmp.write_bytes(data)
 
 
-def new_directory_beside(dest: Path) -> Path:
-    """An empty hidden directory next to `dest` to build its replacement in (parents created)."""
+@contextlib.contextmanager
+def replacing_directory(dest: Path) -> Iterator[Path]:
+    """Yield an empty hidden directory beside `dest` to build its replacement in; when the block ends
+    normally it is fsynced and swapped in for `dest` in one step, else it is removed and `dest` untouched.
+    Files and subdirectories written inside must be fsynced by the writer (`write_synced`)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        fsync_path(tmp)
+        swap_directory_into_place(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def swap_directory_into_place(new: Path, dest: Path) -> None:

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,8 @@ from edge_agent.clock import iso_time
 from edge_agent.errors import BankError, EdgeAsdError, ModelMismatchError
 from edge_agent.fsutil import (
     fsync_path,
-    new_directory_beside,
     read_directory_consistently,
-    swap_directory_into_place,
+    replacing_directory,
     write_synced,
 )
 from edge_agent.model_info import ModelInfo
@@ -213,8 +211,7 @@ class MemoryBank:
         if scorer_state is not None and scorer_state.get("bank_fingerprint") not in (None, self.fingerprint()):
             raise BankError("the scorer state was fitted on a different bank (or MemMixup setting)")
         sha = model_sha256 if model_sha256 is not None else self.model_sha256
-        tmp = new_directory_beside(dest)
-        try:
+        with replacing_directory(dest) as tmp:
             files = self._npy_bytes()
             for rel, data in files.items():
                 write_synced(tmp / rel, data)
@@ -250,12 +247,8 @@ class MemoryBank:
             except (TypeError, ValueError) as exc:
                 raise BankError(f"{dest / BANK_JSON}: scorer state or threshold is not JSON: {exc}") from None
             write_synced(tmp / BANK_JSON, text.encode())
-            for sub in [*(tmp / layer for layer in self.layers), tmp]:
+            for sub in (tmp / layer for layer in self.layers):
                 fsync_path(sub)
-            swap_directory_into_place(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.path, self.scorer_state, self.threshold, self.model_sha256 = dest, scorer_state, threshold, sha
         return dest
 

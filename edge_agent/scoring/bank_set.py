@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,8 @@ from typing import Any
 from edge_agent.clock import iso_time
 from edge_agent.errors import BankError, EdgeAsdError, ModelMismatchError
 from edge_agent.fsutil import (
-    fsync_path,
-    new_directory_beside,
     read_directory_consistently,
-    swap_directory_into_place,
+    replacing_directory,
     write_synced,
 )
 from edge_agent.model_info import MemberModel, ModelInfo, ensemble_id
@@ -108,8 +105,7 @@ def save_banks(directory: str | os.PathLike[str], scorers: Sequence[BankScorer],
     if len(scorers) == 1:
         return scorers[0].save(dest, threshold=threshold, model_sha256=models[0].model_sha256)
     member_thresholds = list(member_thresholds) if member_thresholds is not None else [None] * len(scorers)
-    tmp = new_directory_beside(dest)
-    try:
+    with replacing_directory(dest) as tmp:
         members = []
         for i, (scorer, model, member_threshold) in enumerate(zip(scorers, models, member_thresholds,
                                                                    strict=True)):
@@ -131,11 +127,6 @@ def save_banks(directory: str | os.PathLike[str], scorers: Sequence[BankScorer],
         except (TypeError, ValueError) as exc:
             raise BankError(f"{dest / ENSEMBLE_JSON}: threshold or scoring is not JSON: {exc}") from None
         write_synced(tmp / ENSEMBLE_JSON, text.encode())
-        fsync_path(tmp)
-        swap_directory_into_place(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
