@@ -35,10 +35,6 @@ class ModelSet:
         self.model_id = ensemble_id([e.model_id for e in encoders])
         self.capture_rate = max(e.info.sample_rate for e in encoders)
 
-    @property
-    def is_ensemble(self) -> bool:
-        return len(self.encoders) > 1
-
     def __len__(self) -> int:
         return len(self.encoders)
 
