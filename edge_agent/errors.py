@@ -23,8 +23,24 @@ class AudioError(EdgeAsdError):
     """An audio file or stream cannot be read or has an unsupported format."""
 
 
+SHOWN_CHARS = 60  # the most of a refused value that an error (and so an answer or a log line) repeats
+
+
+def shorten(value: object) -> object:
+    """A value fit to repeat in an error: short scalars as they are, anything long cut short."""
+    if value is None or isinstance(value, (bool, float)):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 10**18 else f"<integer of {len(str(abs(value)))} digits>"
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return value if isinstance(value, (str, list, tuple, dict)) else text
+    return text[: SHOWN_CHARS - 3] + "..."
+
+
 class ConfigError(EdgeAsdError):
-    """A configuration value is invalid: where (`source` file, key `path`), what (`message`), and the `value`.
+    """A configuration value is invalid: where (`source` file, key `path`), what (`message`), and the `value`
+(shortened: an error never repeats a whole hostile payload).
 
     A nested config validates with paths relative to itself; whoever placed it puts its location in
     front with `under` (and names the file with `in_source`), so nothing is re-parsed from the text.
@@ -33,7 +49,7 @@ class ConfigError(EdgeAsdError):
     def __init__(self, path: str, message: str, value: object = None, source: str | None = None):
         self.path = path
         self.message = message
-        self.value = value
+        self.value = shorten(value)
         self.source = source
         super().__init__(path, message, value, source)
 

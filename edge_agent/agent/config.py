@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -21,11 +22,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from edge_agent.agent.inbound import LOCAL_FILE, InputLimits, load_yaml
 from edge_agent.errors import ConfigError
 from edge_agent.fsutil import atomic_write
-from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.config import NONNEGATIVE_SCORES, ScoringConfig
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # safe inside an MQTT topic level
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$")
@@ -149,6 +149,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """What the agent accepts over MQTT. Only the local config file sets this section: a pushed config
+    must carry it unchanged (or leave it out, which keeps the running one)."""
+
+    max_config_bytes: int = field(default=262_144, metadata=_limits(lo=1024, hi=16 << 20))
+    max_command_bytes: int = field(default=16_384, metadata=_limits(lo=256, hi=1 << 20))
+    max_depth: int = field(default=12, metadata=_limits(lo=4, hi=64))  # nesting of mappings and lists
+    max_values: int = field(default=20_000, metadata=_limits(lo=100, hi=1_000_000))  # values in one message
+    max_string: int = field(default=4096, metadata=_limits(lo=64, hi=1 << 20))  # characters in one string
+    max_items: int = field(default=256, metadata=_limits(lo=8, hi=100_000))  # entries in one mapping or list
+    # Directories whose files a pushed config may name (resolved, symlinks followed); None: the state dir
+    # and the directories holding the models and banks of the local config file.
+    push_roots: list[Path] | None = None
+
+    def limits(self, max_bytes: int) -> InputLimits:
+        return InputLimits(max_bytes=max_bytes, max_depth=self.max_depth, max_nodes=self.max_values,
+                           max_string=self.max_string, max_items=self.max_items, max_aliases=64)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     node: str = field(metadata=_limits(pattern=NAME_PATTERN))
     sources: list[SourceConfig] = field()
@@ -160,6 +180,7 @@ class AgentConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     # windows waiting for inference before capture drops
     queue_windows: int = field(default=32, metadata=_limits(lo=1, hi=10000))
     # filled in by load, not by the YAML:
@@ -204,21 +225,27 @@ class AgentConfig:
 
 
 _DERIVED = {"config_hash", "source_file", "mqtt_password"}
+_SECRETS = {"password"}
+MAX_SOURCES = 32
 
 
 def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None,
-                 env: typing.Mapping[str, str] | None = None) -> AgentConfig:
-    """Validate YAML (or JSON) text; relative paths are resolved against base_dir (default: cwd)."""
+                 env: typing.Mapping[str, str] | None = None, limits: InputLimits = LOCAL_FILE) -> AgentConfig:
+    """Validate YAML (or JSON) text within `limits`; relative paths are resolved against base_dir (default: cwd)."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "document"
-        raise ConfigError(where, f"not valid YAML: {getattr(exc, 'problem', exc)}", source=source) from None
+        raw = load_yaml(text, limits)
+    except ConfigError as exc:
+        raise exc.in_source(source) from None
+    return build_config(raw, source, base_dir, env)
+
+
+def build_config(raw: object, source: str = "<config>", base_dir: Path | None = None,
+                 env: typing.Mapping[str, str] | None = None) -> AgentConfig:
+    """Validate an already parsed config document (see parse_config)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError("(top level)", "must be a mapping", _short(raw), source=source)
+        raise ConfigError("(top level)", "must be a mapping", raw, source=source)
     raw = dict(raw)
     raw.setdefault("node", _default_node())
     ctx = _Ctx(source=source, base_dir=base_dir if base_dir is not None else Path.cwd())
@@ -267,12 +294,7 @@ class _Ctx:
     base_dir: Path
 
     def error(self, path: str, message: str, value: object = None) -> ConfigError:
-        return ConfigError(path or "(top level)", message, _short(value), source=self.source)
-
-
-def _short(value: object) -> object:
-    text = repr(value)
-    return value if len(text) <= 80 else text[:77] + "..."
+        return ConfigError(path or "(top level)", message, value, source=self.source)
 
 
 def _default_node() -> str:
@@ -296,8 +318,13 @@ def _build(cls: type, raw: object, path: str, ctx: _Ctx) -> Any:
             if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
                 raise ctx.error(key_path, "is required")
             continue
-        value = _convert(hints[name], raw[name], key_path, ctx)
-        _check_range(fld.metadata, value, key_path, ctx)
+        try:
+            value = _convert(hints[name], raw[name], key_path, ctx)
+            _check_range(fld.metadata, value, key_path, ctx)
+        except ConfigError as exc:
+            if name in _SECRETS:  # the message says what is wrong; the value is never repeated
+                raise ConfigError(exc.path, exc.message, None, exc.source) from None
+            raise
         values[name] = value
     return cls(**values)
 
@@ -349,9 +376,15 @@ def _convert(hint: Any, value: object, path: str, ctx: _Ctx) -> Any:
             raise ctx.error(path, "must be an integer", value)
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ctx.error(path, "must be a number", value)
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ctx.error(path, "must be a finite number", value)
+        return number
     if hint is str:
         if not isinstance(value, str) or not value:
             raise ctx.error(path, "must be a non-empty string", value)
@@ -386,6 +419,9 @@ def _check_range(meta: typing.Mapping[str, Any], value: Any, path: str, ctx: _Ct
 def _check_semantics(cfg: AgentConfig, ctx: _Ctx) -> None:
     if not cfg.sources:
         raise ctx.error("sources", "needs at least one source", [])
+    if len(cfg.sources) > MAX_SOURCES:
+        raise ctx.error("sources", f"at most {MAX_SOURCES} sources (one agent, one or two microphones is typical)",
+                        len(cfg.sources))
     seen: set[str] = set()
     for i, src in enumerate(cfg.sources):
         at = f"sources[{i}]"
@@ -414,6 +450,9 @@ def _check_semantics(cfg: AgentConfig, ctx: _Ctx) -> None:
                             src.retry_max_seconds)
         if src.bank is None:
             raise ctx.error(f"{at}.bank", "is required (a bank directory built by `edge-agent enroll`)")
+        if src.threshold is not None and src.threshold <= 0 and src.scoring.normalizer in NONNEGATIVE_SCORES:
+            raise ctx.error(f"{at}.threshold", f"{src.scoring.normalizer} scores are >= 0, so a threshold <= 0 "
+                            "would alert on every window", src.threshold)
     if sum(s.type == "stdin" for s in cfg.sources) > 1:
         raise ctx.error("sources", "only one source can read stdin")
     if (cfg.model is None) == (cfg.models is None):

@@ -1,4 +1,4 @@
-"""The control plane, on the agent's main thread: config push, SIGHUP and `reload`, the commands
+"""The control plane, on a thread of its own: config push, SIGHUP and `reload`, the commands
 (enroll, reload, status), target-bank rebuilds after an enroll, and the state document.
 
 A new config is built completely beside the running runtime; only when every part is built is the
@@ -20,12 +20,14 @@ from typing import Any
 
 import yaml
 
-from edge_agent.agent.config import AgentConfig, load_config, parse_config, write_config_atomic
+from edge_agent.agent.config import AgentConfig, ControlConfig, build_config, load_config, write_config_atomic
 from edge_agent.agent.enroll_job import EnrollJob, build_target_bank
+from edge_agent.agent.inbound import InputLimits, load_json, load_yaml
 from edge_agent.agent.inference import publish_alert
 from edge_agent.agent.metrics import AgentMetrics
 from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import command_result, config_result
+from edge_agent.agent.push import check_push
 from edge_agent.agent.runtime import LiveRuntime, Runtime, SourcePipeline, bank_stamp, build_runtime
 from edge_agent.agent.sdnotify import SystemdNotifier
 from edge_agent.agent.state import agent_state, state_signature
@@ -38,12 +40,15 @@ STATE_REFRESH_SECONDS = 60.0
 # Sections that a running agent cannot change in place; they apply at the next start.
 RESTART_FIELDS = ("node", "state_dir", "mqtt", "spool", "output", "metrics", "logging", "queue_windows")
 COMMANDS = ("enroll", "reload", "status")
+# The arguments each command takes besides "id" (the request id, a string of at most MAX_REQUEST_ID characters).
+COMMAND_ARGUMENTS = {"enroll": ("source", "windows", "cancel"), "reload": (), "status": ()}
+MAX_REQUEST_ID = 128
 
 
 @dataclass(frozen=True)
 class ControlRequest:
-    """One request for the main thread: `config` (payload: a pushed config), `cmd` (name, payload: JSON
-    arguments), `reload` (SIGHUP), `state` (publish the state now), `stop` (name: the reason)."""
+    """One request for the control thread: `config` (payload: a pushed config), `cmd` (name, payload: JSON
+    arguments), `reload` (SIGHUP), `state` (publish the state now)."""
 
     kind: str
     name: str = ""
@@ -52,7 +57,7 @@ class ControlRequest:
 
 class ControlPlane:
     def __init__(self, cfg: AgentConfig, config_path: Path | None, live: LiveRuntime, outputs: Outputs,
-                 metrics: AgentMetrics, notifier: SystemdNotifier, requests: queue.Queue[ControlRequest],
+                 metrics: AgentMetrics, notifier: SystemdNotifier, requests: queue.Queue[ControlRequest | None],
                  start_sources: Callable[[Runtime], None]) -> None:
         self.cfg = cfg
         self.config_path = config_path
@@ -65,33 +70,61 @@ class ControlPlane:
         self.started_at = time.time()
         self._state_sig: str | None = None
         self._state_sent = 0.0
+        self._state_lock = threading.Lock()  # the main thread refreshes the state, this thread publishes changes
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the request in hand (an apply cannot be interrupted halfway) and end the thread."""
+        self.requests.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (request := self.requests.get()) is not None:
+            self.handle(request)
 
     def handle(self, request: ControlRequest) -> None:
-        if request.kind == "config":
-            self._config_push(request.payload)
-        elif request.kind == "cmd":
-            self._command(request.name, request.payload)
-        elif request.kind == "reload":
-            ok, error = self._reload_file()
-            if not ok:
-                log.error("reload_refused", error=error)
-        elif request.kind == "state":
-            self.publish_state(force=True)
+        """Act on one request and answer it; nothing a message carries gets past this method."""
+        try:
+            if request.kind == "config":
+                self._config_push(request.payload)
+            elif request.kind == "cmd":
+                self._command(request.name, request.payload)
+            elif request.kind == "reload":
+                ok, error = self._reload_file()
+                if not ok:
+                    log.error("reload_refused", error=error)
+            elif request.kind == "state":
+                self.publish_state(force=True)
+        except Exception as exc:  # a bug, not a bad message: answer, log the traceback, keep running
+            log.exception("control_failed", kind=request.kind, name=request.name)
+            detail = f"internal error ({type(exc).__name__}); the agent keeps its running config"
+            if request.kind == "config":
+                self.outputs.publish_config_result(config_result(
+                    False, None, error={"path": "", "message": detail, "value": None}))
+            elif request.kind == "cmd":
+                self.outputs.publish_command_result(command_result(request.name, False, None, error=detail))
 
     # --- config --------------------------------------------------------------------------------------
 
     def _config_push(self, payload: bytes) -> None:
-        request_id, text = _unwrap_config(payload)
+        control = self.cfg.control
+        request_id: str | None = None
         try:
-            new_cfg = parse_config(text, source="config/set", base_dir=self._base_dir())
+            request_id, raw, text = _unwrap_config(payload, control.limits(control.max_config_bytes))
+            pushed = build_config(raw, source="config/set", base_dir=self._base_dir())
+            new_cfg = check_push(raw, pushed, self.cfg)
             restart = self.apply(new_cfg)
         except ConfigError as exc:
-            log.warning("config_refused", path=exc.path, error=exc.message, value=_jsonable(exc.value))
+            log.warning("config_refused", request_id=request_id, path=exc.path, error=exc.message,
+                        value=_jsonable(exc.value))
             self.outputs.publish_config_result(config_result(
                 False, request_id, error={"path": exc.path, "message": exc.message, "value": _jsonable(exc.value)}))
             return
         except EdgeAsdError as exc:
-            log.warning("config_refused", path="", error=str(exc))
+            log.warning("config_refused", request_id=request_id, path="", error=str(exc))
             self.outputs.publish_config_result(config_result(
                 False, request_id, error={"path": "", "message": str(exc), "value": None}))
             return
@@ -102,7 +135,7 @@ class ControlPlane:
                 persisted = True
             except OSError as exc:
                 log.error("config_not_persisted", path=self.config_path, error=exc)
-        log.info("config_applied", config_hash=new_cfg.config_hash, persisted=persisted,
+        log.info("config_applied", request_id=request_id, config_hash=new_cfg.config_hash, persisted=persisted,
                  restart_required=",".join(restart) or "-")
         result = config_result(True, request_id, new_cfg.config_hash, restart_required=restart)
         result["persisted"] = persisted
@@ -129,6 +162,7 @@ class ControlPlane:
         new = build_runtime(new_cfg, self.live.current)
         closed: list[tuple[SourcePipeline, dict[str, Any]]] = []
         abandoned: list[tuple[str, EnrollJob]] = []
+        removed: list[tuple[str, EnrollJob]] = []
         with self.live.lock:
             old = self.live.current
             kept = {id(p.source) for p in new.pipelines.values()}
@@ -144,15 +178,17 @@ class ControlPlane:
             for name, pipeline in old.pipelines.items():
                 if name not in new.pipelines:
                     closed += [(pipeline, event) for event in pipeline.tracker.close(now, reason="source_removed")]
+                    if pipeline.enroll is not None:
+                        removed.append((name, pipeline.enroll))
             self.live.current = new
             # Sections that need a restart keep their running values until then.
             self.cfg = dataclasses.replace(new_cfg, **{name: getattr(self.cfg, name) for name in restart})
         for pipeline, event in closed:
             publish_alert(self.outputs, self.metrics, pipeline, event)
         for name, job in abandoned:
-            self.outputs.publish_command_result(command_result(
-                "enroll", False, job.request_id, error=f"source {name!r}: the models changed while enrolling; "
-                                                       "enroll again"))
+            self._abandon(name, job, "the models changed while enrolling; enroll again")
+        for name, job in removed:
+            self._abandon(name, job, "the source was removed by a new config while enrolling")
         for pipeline in old.pipelines.values():
             if id(pipeline.source) not in kept:
                 pipeline.source.stop()
@@ -167,50 +203,78 @@ class ControlPlane:
     # --- commands ------------------------------------------------------------------------------------
 
     def _command(self, name: str, payload: bytes) -> None:
-        args: dict[str, Any] = {}
-        if payload.strip():
-            try:
-                parsed = json.loads(payload)
-            except ValueError:
-                self.outputs.publish_command_result(command_result(name, False, None, error="payload is not JSON"))
-                return
-            if not isinstance(parsed, dict):
-                self.outputs.publish_command_result(command_result(name, False, None,
-                                                                   error="payload must be a JSON object"))
-                return
-            args = parsed
-        request_id = args.get("id") if isinstance(args.get("id"), str) else None
-        if name == "status":
-            self.outputs.publish_command_result(command_result(name, True, request_id, result=self.state()))
-        elif name == "reload":
-            ok, detail = self._reload_file()
-            self.outputs.publish_command_result(command_result(
-                name, ok, request_id, result={"config_hash": detail} if ok else None, error=None if ok else detail))
-        elif name == "enroll":
-            error = self._start_enroll(args, request_id)
-            if error is not None:
-                self.outputs.publish_command_result(command_result(name, False, request_id, error=error))
-        else:
-            self.outputs.publish_command_result(command_result(
-                name, False, request_id, error=f"unknown command {name!r}; known: {', '.join(COMMANDS)}"))
+        request_id: str | None = None
+        try:
+            args = _command_args(name, payload, self.cfg.control)
+            request_id = args.pop("id", None)
+            _check_arguments(name, args)
+            if name == "status":
+                self.outputs.publish_command_result(command_result(name, True, request_id, result=self.state()))
+            elif name == "reload":
+                ok, detail = self._reload_file()
+                self.outputs.publish_command_result(command_result(
+                    name, ok, request_id, result={"config_hash": detail} if ok else None,
+                    error=None if ok else detail))
+            elif name == "enroll" and args.get("cancel") is not None:
+                self.outputs.publish_command_result(command_result(name, True, request_id,
+                                                                   result=self._cancel_enroll(args)))
+            elif name == "enroll":
+                self._start_enroll(args, request_id)
+        except ConfigError as exc:
+            log.warning("command_refused", command=name, request_id=request_id, path=exc.path, error=exc.message)
+            self.outputs.publish_command_result(command_result(name, False, request_id, error=_command_error(exc)))
 
-    def _start_enroll(self, args: dict[str, Any], request_id: str | None) -> str | None:
+    def _source_for(self, args: dict[str, Any]) -> SourcePipeline:
         pipelines = self.live.current.pipelines
         name = args.get("source")
         if name is None and len(pipelines) == 1:
             name = next(iter(pipelines))
-        if name not in pipelines:
-            return f"source: {name!r} is not one of {', '.join(pipelines)}"
-        pipeline = pipelines[name]
+        if not isinstance(name, str) or name not in pipelines:
+            raise ConfigError("source", f"must name one of the sources: {', '.join(pipelines)}", name)
+        return pipelines[name]
+
+    def _start_enroll(self, args: dict[str, Any], request_id: str | None) -> None:
+        """Start recording; the job is answered when it ends (built, failed, cancelled or abandoned)."""
+        pipeline = self._source_for(args)
+        name = pipeline.cfg.name
         count = args.get("windows", pipeline.cfg.enroll.windows)
         if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= 10000:
-            return f"windows: must be an integer in [2, 10000] (got {count!r})"
-        if pipeline.enroll is not None:
-            return f"source {name!r} is already enrolling"
+            raise ConfigError("windows", "must be an integer in [2, 10000]", count)
         with self.live.lock:
+            if pipeline.enroll is not None:
+                raise ConfigError("source", "is already enrolling; cancel with {\"cancel\": true} first", name)
             pipeline.enroll = EnrollJob(count, request_id)
-        log.info("enroll_started", source=name, windows=count)
+        log.info("enroll_started", source=name, windows=count, request_id=request_id)
         return None
+
+    def _cancel_enroll(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args["cancel"] is not True:
+            raise ConfigError("cancel", "must be true (or left out)", args["cancel"])
+        pipeline = self._source_for(args)
+        name = pipeline.cfg.name
+        with self.live.lock:
+            job, pipeline.enroll = pipeline.enroll, None
+        if job is None:
+            raise ConfigError("source", "is not recording an enroll (one whose windows are all recorded is "
+                              "already being built and cannot be cancelled)", name)
+        self._abandon(name, job, "cancelled by a later enroll command")
+        return {"source": name, "cancelled": job.request_id, "windows_recorded": job.collected}
+
+    def _abandon(self, name: str, job: EnrollJob, reason: str) -> None:
+        """Answer an enroll that ends without a new bank."""
+        log.info("enroll_ended", source=name, request_id=job.request_id, reason=reason)
+        self.outputs.publish_command_result(command_result("enroll", False, job.request_id,
+                                                           error=f"source {name!r}: {reason}"))
+
+    def abandon_all(self, reason: str) -> None:
+        """Answer every enroll still recording (the agent is stopping)."""
+        with self.live.lock:
+            jobs = [(name, p.enroll) for name, p in self.live.current.pipelines.items() if p.enroll is not None]
+            for name, _ in jobs:
+                self.live.current.pipelines[name].enroll = None
+        for name, job in jobs:
+            assert job is not None
+            self._abandon(name, job, reason)
 
     def enroll_ready(self, name: str, job: EnrollJob) -> None:
         """The hot loop collected every window of `job`: rebuild the target bank off its thread."""
@@ -254,6 +318,10 @@ class ControlPlane:
         return agent_state(self.live.current, self.cfg.node, self.started_at, self.outputs.delivery(), status)
 
     def publish_state(self, force: bool = False, status: str = "online") -> None:
+        with self._state_lock:
+            self._publish_state(force, status)
+
+    def _publish_state(self, force: bool, status: str) -> None:
         state = self.state(status)
         signature = state_signature(state)
         now = time.monotonic()
@@ -269,18 +337,31 @@ class ControlPlane:
         self.outputs.set_state(state)
 
 
-def _unwrap_config(payload: bytes) -> tuple[str | None, str]:
-    """config/set carries a whole YAML/JSON config, or {"id": ..., "config": {...} | "yaml text"}."""
-    text = payload.decode("utf-8", errors="replace")
+def _unwrap_config(payload: bytes, limits: InputLimits) -> tuple[str | None, dict[str, Any], str]:
+    """config/set carries a whole YAML/JSON config, or {"id": ..., "config": {...} | "yaml text"}.
+
+    Returns the request id, the parsed config and its text (what is persisted when it is accepted).
+    """
     try:
-        data = json.loads(text)
-    except ValueError:
-        return None, text
-    if isinstance(data, dict) and "config" in data and set(data) <= {"id", "config"}:
-        request_id = data.get("id") if isinstance(data.get("id"), str) else None
-        inner = data["config"]
-        return request_id, inner if isinstance(inner, str) else yaml.safe_dump(inner, sort_keys=False)
-    return None, text
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("(message)", f"not UTF-8 text (byte {exc.start})") from None
+    doc = load_yaml(text, limits, "the pushed config")
+    request_id = None
+    if isinstance(doc, dict) and "config" in doc and set(doc) <= {"id", "config"}:
+        given = doc.get("id")
+        request_id = given if isinstance(given, str) and 0 < len(given) <= MAX_REQUEST_ID else None
+        inner = doc["config"]
+        if isinstance(inner, str):
+            text, doc = inner, load_yaml(inner, limits, "the pushed config")
+        else:
+            doc = inner
+            text = yaml.safe_dump(inner, sort_keys=False)
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("(top level)", "must be a mapping", doc)
+    return request_id, doc, text
 
 
 def _jsonable(value: object) -> object:
@@ -289,3 +370,30 @@ def _jsonable(value: object) -> object:
         return value
     except (TypeError, ValueError):
         return repr(value)
+
+
+def _command_args(name: str, payload: bytes, control: ControlConfig) -> dict[str, Any]:
+    """The JSON object a command carries (empty payload: no arguments), checked against its known keys."""
+    if name not in COMMAND_ARGUMENTS:
+        raise ConfigError("(command)", f"unknown command; known: {', '.join(COMMANDS)}", name)
+    if not payload.strip():
+        return {}
+    args = load_json(payload, control.limits(control.max_command_bytes), f"the {name} command")
+    if not isinstance(args, dict):
+        raise ConfigError("(top level)", "must be a JSON object", args)
+    request_id = args.get("id")
+    if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= MAX_REQUEST_ID):
+        raise ConfigError("id", f"must be a string of 1 to {MAX_REQUEST_ID} characters", request_id)
+    return args
+
+
+def _check_arguments(name: str, args: dict[str, Any]) -> None:
+    known = COMMAND_ARGUMENTS[name]
+    for key in args:
+        if key not in known:
+            raise ConfigError(key, f"unknown argument of {name}; known: {', '.join(('id', *known))}")
+
+
+def _command_error(exc: ConfigError) -> str:
+    shown = f" (got {json.dumps(_jsonable(exc.value))})" if exc.value is not None else ""
+    return f"{exc.path}: {exc.message}{shown}"

@@ -36,7 +36,8 @@ class Agent:
         self.notifier = notifier or SystemdNotifier()
         self.metrics = AgentMetrics()
         self.windows: queue.Queue[Window] = queue.Queue(maxsize=cfg.queue_windows)
-        self.requests: queue.Queue[ControlRequest] = queue.Queue()
+        self.requests: queue.Queue[ControlRequest | None] = queue.Queue()
+        self._stops: queue.Queue[str] = queue.Queue()
         self.outputs = make_outputs(cfg, lambda kind, name, payload: self.requests.put(
             ControlRequest(kind, name, payload)))
         self.live = LiveRuntime(build_runtime(cfg, None))
@@ -70,6 +71,7 @@ class Agent:
         self.outputs.start()
         self.outputs.set_sources(self.runtime)
         self.inference.start()
+        self.control.start()
         self._start_sources(self.runtime)
         self.control.publish_state(force=True)
         self.notifier.ready(f"monitoring {len(self.runtime.pipelines)} source(s)")
@@ -77,18 +79,18 @@ class Agent:
                  model=self.runtime.models.model_id, config_hash=self.cfg.config_hash)
         watchdog = self.notifier.watchdog_seconds
         tick = min(1.0, watchdog / 3) if watchdog else 1.0
+        # This thread only supervises: control requests run on the control thread, so a slow apply (a large
+        # bank to index) never holds up the watchdog while the hot loop keeps monitoring.
         while True:
             try:
-                request: ControlRequest | None = self.requests.get(timeout=tick)
+                reason: str | None = self._stops.get(timeout=tick)
             except queue.Empty:
-                request = None
+                reason = None
             if self.inference.healthy():
                 self.notifier.watchdog()
-            if request is not None:
-                if request.kind == "stop":
-                    log.info("stopping", reason=request.name)
-                    break
-                self.control.handle(request)
+            if reason is not None:
+                log.info("stopping", reason=reason)
+                break
             self.control.publish_state()
             if self._finished():
                 log.info("all_sources_finished")
@@ -98,7 +100,7 @@ class Agent:
         return 0
 
     def request_stop(self, reason: str) -> None:
-        self.requests.put(ControlRequest("stop", reason))
+        self._stops.put(reason)
 
     def _start_sources(self, runtime: Runtime) -> None:
         for source in runtime.fresh_sources:
@@ -121,7 +123,9 @@ class Agent:
         status = "stopped"
         for pipeline in self.runtime.pipelines.values():
             pipeline.source.stop()
+        self.control.stop()
         self.inference.stop()
+        self.control.abandon_all("the agent is stopping before the enroll was recorded")
         now = time.time()
         with self.live.lock:
             closed = [(p, event) for p in self.runtime.pipelines.values()

@@ -14,14 +14,18 @@ from edge_agent.scoring.knn import DEFAULT_EXACT_BELOW, METRICS, HnswParams
 
 SECTION = "scoring"
 NORMALIZERS: tuple[str, ...] = ("none", "zscore-test", "zscore-domain", "ld", "ld-domain")
+NONNEGATIVE_SCORES: tuple[str, ...] = ("none", "ld", "ld-domain")  # distances and distance ratios
 SIGMA_FALLBACKS: tuple[str, ...] = ("pooled", "source")
 LD_REDUCES: tuple[str, ...] = ("mean", "sum")
 # Config fields the normalizer statistics depend on: stored statistics are reused only if they match.
 _STAT_FIELDS = ("normalizer", "metric", "k_n", "ld_k", "ld_reduce", "k_source", "k_target",
                 "sigma_fallback", "sigma_min_target")
-_INT_MINIMUMS = (("k_n", 1), ("ld_k", 1), ("k_source", 1), ("k_target", 1), ("candidates", 1), ("exact_below", 0),
-                 ("hnsw_m", 2), ("hnsw_ef_construction", 1), ("hnsw_ef_search", 1), ("hnsw_seed", 0),
-                 ("sigma_min_target", 2))
+# (field, lowest, highest): the highest values are far beyond any bank a device holds, and keep a typo
+# (or a hostile push) from asking for a billion neighbours.
+_INT_RANGES = (("k_n", 1, 1000), ("ld_k", 1, 1000), ("k_source", 1, 1000), ("k_target", 1, 1000),
+               ("candidates", 1, 100_000), ("exact_below", 0, 2**31 - 1), ("hnsw_m", 2, 256),
+               ("hnsw_ef_construction", 1, 10_000), ("hnsw_ef_search", 1, 10_000), ("hnsw_seed", 0, 2**31 - 1),
+               ("sigma_min_target", 2, 1000))
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,12 @@ class ScoringConfig:
         _choice("metric", self.metric, METRICS)
         _choice("ld_reduce", self.ld_reduce, LD_REDUCES)
         _choice("sigma_fallback", self.sigma_fallback, SIGMA_FALLBACKS)
-        for name, low in _INT_MINIMUMS:
+        for name, low, high in _INT_RANGES:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{SECTION}.{name}", f"must be an integer >= {low}", value)
+            if value > high:
+                raise ConfigError(f"{SECTION}.{name}", f"must be <= {high}", value)
         if self.layers is not None:
             layers = self.layers
             if (not isinstance(layers, tuple) or not layers
@@ -91,5 +97,6 @@ class ScoringConfig:
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ConfigError(f"{SECTION}.{name}", f"must be one of {', '.join(allowed)}", value)
+
