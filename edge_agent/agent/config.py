@@ -240,8 +240,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
 
 
 def build_config(raw: object, source: str = "<config>", base_dir: Path | None = None,
-                 env: typing.Mapping[str, str] | None = None) -> AgentConfig:
-    """Validate an already parsed config document (see parse_config)."""
+                 env: typing.Mapping[str, str] | None = None, read_secrets: bool = True) -> AgentConfig:
+    """Validate an already parsed config document (see parse_config). read_secrets=False leaves the MQTT
+    password unresolved (`with_secrets` reads it), so a pushed config's paths can be checked first."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -253,9 +254,15 @@ def build_config(raw: object, source: str = "<config>", base_dir: Path | None = 
     if not cfg.state_dir.is_absolute():  # the default, like every path, is relative to the config file
         cfg = dataclasses.replace(cfg, state_dir=ctx.base_dir / cfg.state_dir)
     _check_semantics(cfg, ctx)
-    password = _resolve_password(cfg, ctx, os.environ if env is None else env)
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return dataclasses.replace(cfg, config_hash=digest, source_file=source, mqtt_password=password)
+    cfg = dataclasses.replace(cfg, config_hash=digest, source_file=source)
+    return with_secrets(cfg, env) if read_secrets else cfg
+
+
+def with_secrets(cfg: AgentConfig, env: typing.Mapping[str, str] | None = None) -> AgentConfig:
+    """The config with its MQTT password read (from the config, password_file or password_env)."""
+    ctx = _Ctx(source=cfg.source_file, base_dir=Path.cwd())
+    return dataclasses.replace(cfg, mqtt_password=_resolve_password(cfg, ctx, os.environ if env is None else env))
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -20,7 +20,14 @@ from typing import Any
 
 import yaml
 
-from edge_agent.agent.config import AgentConfig, ControlConfig, build_config, load_config, write_config_atomic
+from edge_agent.agent.config import (
+    AgentConfig,
+    ControlConfig,
+    build_config,
+    load_config,
+    with_secrets,
+    write_config_atomic,
+)
 from edge_agent.agent.enroll_job import EnrollJob, build_target_bank
 from edge_agent.agent.inbound import InputLimits, load_json, load_yaml
 from edge_agent.agent.inference import publish_alert
@@ -114,8 +121,8 @@ class ControlPlane:
         request_id: str | None = None
         try:
             request_id, raw, text = _unwrap_config(payload, control.limits(control.max_config_bytes))
-            pushed = build_config(raw, source="config/set", base_dir=self._base_dir())
-            new_cfg = check_push(raw, pushed, self.cfg)
+            pushed = build_config(raw, source="config/set", base_dir=self._base_dir(), read_secrets=False)
+            new_cfg = with_secrets(check_push(raw, pushed, self.cfg))
             restart = self.apply(new_cfg)
         except ConfigError as exc:
             log.warning("config_refused", request_id=request_id, path=exc.path, error=exc.message,
