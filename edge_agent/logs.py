@@ -135,4 +135,6 @@ def setup_logging(level: str = "info", fmt: str = "kv") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("edge_agent.paho").setLevel(max(logging.INFO, root.level))
+    # paho says only that a connection failed, once per retry; the agent logs the cause once per change
+    # (mqtt.py), so paho's own lines are shown at debug level only.
+    logging.getLogger("edge_agent.paho").setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from edge_agent.agent.config import AgentConfig, MqttConfig
+from edge_agent.agent.connection import diagnose, tls_context
 from edge_agent.agent.spool import Spool, SpoolRecord
 from edge_agent.logs import get_logger
 
@@ -118,6 +118,9 @@ class MqttPublisher:
         self._state_payload: str | None = None
         self._discovery: dict[str, str] = {}
         self._thread = threading.Thread(target=self._work, name="mqtt-publisher", daemon=True)
+        self._tls = tls_context(self.mcfg.tls) if self.mcfg.tls is not None else None
+        self._probing = threading.Lock()  # one diagnosis at a time, however often paho retries
+        self.cause: str | None = "not connected yet"  # why the broker is unreachable; None while connected
         self.client = self._make_client(cfg)
 
     # --- public API (any thread) -------------------------------------------------------------------
@@ -165,7 +168,7 @@ class MqttPublisher:
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason: Any,
                     properties: object = None) -> None:
         if reason.is_failure:
-            log.warning("mqtt_connect_refused", host=self.mcfg.host, port=self.mcfg.port, reason=reason)
+            self._events.put(("unreachable", f"refused by the broker: {reason}"))
             return
         client.subscribe([(self.topics.config_set, 1), (self.topics.cmd_filter, 1)])
         self._events.put(("connected",))
@@ -173,6 +176,17 @@ class MqttPublisher:
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason: Any,
                        properties: object = None) -> None:
         self._events.put(("disconnected", str(reason)))
+
+    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        """paho could not connect (it does not say why): probe the same host, port and TLS settings."""
+        if self._probing.acquire(blocking=False):
+            threading.Thread(target=self._probe, name="mqtt-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        try:
+            self._events.put(("unreachable", diagnose(self.mcfg, self._tls)))
+        finally:
+            self._probing.release()
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: Any,
                     properties: object = None) -> None:
@@ -219,6 +233,8 @@ class MqttPublisher:
                     self._handle_connected()
                 elif kind == "disconnected":
                     self._handle_disconnected(event[1])
+                elif kind == "unreachable":
+                    self._report_unreachable(event[1])
                 elif kind == "acked":
                     self._handle_acked(event[1])
                 elif kind == "stop":
@@ -234,6 +250,7 @@ class MqttPublisher:
 
     def _handle_connected(self) -> None:
         self._connected.set()
+        self.cause = None
         self._generation += 1
         log.info("mqtt_connected", host=self.mcfg.host, port=self.mcfg.port, spool_pending=len(self.spool))
         self.client.publish(self.topics.status, "online", qos=1, retain=True)
@@ -246,8 +263,17 @@ class MqttPublisher:
         for topic, payload in self._discovery.items():
             self.client.publish(topic, payload, qos=1, retain=True)
 
+    def _report_unreachable(self, cause: str) -> None:
+        if self._connected.is_set():
+            return  # a late probe result: the connection came up meanwhile
+        if cause != self.cause:  # once per change of cause, not once per retry
+            log.warning("mqtt_unreachable", host=self.mcfg.host, port=self.mcfg.port, cause=cause,
+                        spool_pending=len(self.spool))
+        self.cause = cause
+
     def _handle_disconnected(self, reason: str) -> None:
         if self._connected.is_set():
+            self.cause = f"disconnected ({reason})"
             log.warning("mqtt_disconnected", reason=reason, spool_pending=len(self.spool))
         self._connected.clear()
         # Whatever paho holds now is re-sent by paho with the DUP flag; new appends are replays.
@@ -322,14 +348,11 @@ class MqttPublisher:
         client.reconnect_delay_set(min_delay=m.reconnect_min_seconds, max_delay=m.reconnect_max_seconds)
         if m.username is not None:
             client.username_pw_set(m.username, cfg.mqtt_password)
-        if m.tls is not None:
-            client.tls_set(
-                ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None,
-                certfile=str(m.tls.cert_file) if m.tls.cert_file else None,
-                keyfile=str(m.tls.key_file) if m.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            client.tls_insecure_set(m.tls.insecure)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+            client.tls_insecure_set(m.tls is not None and m.tls.insecure)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_paho_message

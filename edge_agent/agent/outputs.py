@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from edge_agent.agent.config import AgentConfig
 from edge_agent.agent.mqtt import MqttPublisher, homeassistant_discovery
 from edge_agent.agent.spool import Spool, SpoolStats
+from edge_agent.errors import ConfigError
 from edge_agent.logs import get_logger
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class DeliveryStats:
 
     broker_connected: bool | None
     spool: SpoolStats | None
+    broker_cause: str | None = None  # why the broker is unreachable (None while connected, or without one)
 
 
 class Outputs(Protocol):
@@ -46,7 +48,10 @@ class Outputs(Protocol):
 
 
 def make_outputs(cfg: AgentConfig, on_request: RequestHandler) -> Outputs:
-    return MqttOutputs(cfg, on_request) if cfg.mqtt is not None else JsonlOutputs(cfg)
+    try:
+        return MqttOutputs(cfg, on_request) if cfg.mqtt is not None else JsonlOutputs(cfg)
+    except ConfigError as exc:  # a TLS file that does not load
+        raise exc.in_source(cfg.source_file) from None
 
 
 class MqttOutputs:
@@ -91,7 +96,7 @@ class MqttOutputs:
                                                                  runtime.models.model_id))
 
     def delivery(self) -> DeliveryStats:
-        return DeliveryStats(self.publisher.connected, self.spool.stats())
+        return DeliveryStats(self.publisher.connected, self.spool.stats(), self.publisher.cause)
 
     def stop(self, status: str) -> None:
         self.publisher.stop(status)

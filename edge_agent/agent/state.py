@@ -44,6 +44,8 @@ def agent_state(runtime: Runtime, node: str, started_at: float, delivery: Delive
     }
     if delivery.spool is not None:
         state["spool"] = {"pending": delivery.spool.pending, "dropped": delivery.spool.dropped}
+    if delivery.broker_connected is not None:
+        state["broker"] = {"connected": delivery.broker_connected, "cause": delivery.broker_cause}
     return state
 
 
@@ -62,7 +64,7 @@ def model_state(models: ModelSet) -> dict[str, Any]:
 
 
 def state_signature(state: dict[str, Any]) -> str:
-    slim = {k: v for k, v in state.items() if k not in ("updated_at", "spool")}
+    slim = {k: v for k, v in state.items() if k not in ("updated_at", "spool", "broker")}
     slim["sources"] = [{**s, "health": s["health"]["state"]} for s in state["sources"]]
     return json.dumps(slim, sort_keys=True, default=str)
 

@@ -258,3 +258,18 @@ def wait_for_log(path: Path, predicate: Callable[[str], bool], timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}; log tail:\n{text[-3000:]}")
         time.sleep(0.05)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path, names: str = "DNS:localhost,IP:127.0.0.1") -> None:
+    """A private CA (ca.pem) and a server certificate for `names` (server.pem, server.key) in `d`."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=edge-test-ca",
+             cwd=d)
+    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    (d / "san.ext").write_text(f"subjectAltName={names}\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=d)

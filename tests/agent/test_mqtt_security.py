@@ -12,28 +12,14 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from .agent_helpers import BASE, Mosquitto, Watcher, start_agent, write_anomaly_wav, write_config
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _make_pki(d: Path) -> None:
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=edge-test-ca",
-             cwd=d)
-    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+from .agent_helpers import BASE, Mosquitto, Watcher, make_pki, start_agent, write_anomaly_wav, write_config
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None,
                     reason="openssl or mosquitto_passwd is not installed")
 @pytest.mark.parametrize("secret", ["password_file", "password_env"])
 def test_tls_and_password_from_file_or_env(tmp_path: Path, toy_model: Path, bank_dir: Path, secret: str) -> None:
-    _make_pki(tmp_path)
+    make_pki(tmp_path)
     subprocess.run(["mosquitto_passwd", "-c", "-b", str(tmp_path / "passwd"), "agent", "s3cret"], check=True,
                    capture_output=True, timeout=30)
     (tmp_path / "passwd").chmod(0o600)
