@@ -159,6 +159,9 @@ class ControlConfig:
     max_values: int = field(default=20_000, metadata=_limits(lo=100, hi=1_000_000))  # values in one message
     max_string: int = field(default=4096, metadata=_limits(lo=64, hi=1 << 20))  # characters in one string
     max_items: int = field(default=256, metadata=_limits(lo=8, hi=100_000))  # entries in one mapping or list
+    # How long a pushed config may take to run healthy before the agent goes back to the previous one
+    # (at least 2.5 windows of the slowest source).
+    trial_seconds: float = field(default=60.0, metadata=_limits(lo=1.0, hi=3600.0))
     # Directories whose files a pushed config may name (resolved, symlinks followed); None: the state dir
     # and the directories holding the models and banks of the local config file.
     push_roots: list[Path] | None = None

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from edge_agent.agent.config import (
     build_config,
     load_config,
     with_secrets,
-    write_config_atomic,
 )
 from edge_agent.agent.enroll_job import EnrollJob, build_target_bank
 from edge_agent.agent.inbound import InputLimits, load_json, load_yaml
@@ -34,10 +33,13 @@ from edge_agent.agent.inference import publish_alert
 from edge_agent.agent.metrics import AgentMetrics
 from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import command_result, config_result
+from edge_agent.agent.preflight import check_restart_sections
 from edge_agent.agent.push import check_push
 from edge_agent.agent.runtime import LiveRuntime, Runtime, SourcePipeline, bank_stamp, build_runtime
 from edge_agent.agent.sdnotify import SystemdNotifier
 from edge_agent.agent.state import agent_state, state_signature
+from edge_agent.agent.trial import HealthCheck, PendingTrial, Rollback, TrialFiles
+from edge_agent.clock import iso_time
 from edge_agent.errors import ConfigError, EdgeAsdError
 from edge_agent.logs import get_logger
 
@@ -47,6 +49,9 @@ STATE_REFRESH_SECONDS = 60.0
 # Sections that a running agent cannot change in place; they apply at the next start.
 RESTART_FIELDS = ("node", "state_dir", "mqtt", "spool", "output", "metrics", "logging", "queue_windows")
 COMMANDS = ("enroll", "reload", "status")
+TRIAL_TICK_SECONDS = 0.5  # how often a config on trial is checked
+MAX_DEFERRED_PUSHES = 16
+MAX_PEEK_BYTES = 1 << 20
 # The arguments each command takes besides "id" (the request id, a string of at most MAX_REQUEST_ID characters).
 COMMAND_ARGUMENTS = {"enroll": ("source", "windows", "cancel"), "reload": (), "status": ()}
 MAX_REQUEST_ID = 128
@@ -62,12 +67,43 @@ class ControlRequest:
     payload: bytes = b""
 
 
+@dataclass(frozen=True)
+class Startup:
+    """How this process started: from the config file, the last-known-good copy (the file could not start),
+    a pushed config on trial, or the embedded default; and a rolled-back push still to be answered."""
+
+    origin: str  # "file" | "last_good" | "trial" | "embedded"
+    trial: PendingTrial | None = None
+    rollback: Rollback | None = None
+    problem: str | None = None  # why the config file was not used
+    changed: list[str] = field(default_factory=list)  # the sections a restart trial changed
+
+
+@dataclass
+class _Trial:
+    request_id: str | None
+    text: str
+    cfg: AgentConfig
+    previous: AgentConfig | None  # None: a trial since the start (going back means restarting)
+    check: HealthCheck
+    changed: list[str]
+
+
 class ControlPlane:
     def __init__(self, cfg: AgentConfig, config_path: Path | None, live: LiveRuntime, outputs: Outputs,
                  metrics: AgentMetrics, notifier: SystemdNotifier, requests: queue.Queue[ControlRequest | None],
-                 start_sources: Callable[[Runtime], None]) -> None:
+                 start_sources: Callable[[Runtime], None], request_restart: Callable[[str], None],
+                 startup: Startup | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        self.files = TrialFiles(config_path) if config_path is not None else None
+        self.request_restart = request_restart
+        self.startup = startup or Startup("embedded" if config_path is None else "file")
+        self.trial: _Trial | None = None
+        self.last_rollback: Rollback | None = None
+        self._remember_good_later = False  # a start from the config file: remember it once it runs healthy
+        self._deferred: list[bytes] = []  # pushes that arrived during a trial, in order
+        self._restarting = False
         self.live = live
         self.outputs = outputs
         self.metrics = metrics
@@ -89,8 +125,33 @@ class ControlPlane:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (request := self.requests.get()) is not None:
+        self._begin()
+        while True:
+            try:
+                request = self.requests.get(timeout=TRIAL_TICK_SECONDS)
+            except queue.Empty:
+                request = ControlRequest("tick")
+            if request is None:
+                return
             self.handle(request)
+
+    def _begin(self) -> None:
+        """After a start: answer the push a failed trial rolled back, or put the trial this start runs on trial."""
+        startup = self.startup
+        if startup.rollback is not None:
+            self._answer_rollback(startup.rollback)
+            if self.files is not None:
+                self.files.rollback.unlink(missing_ok=True)
+        if startup.trial is not None:
+            check = HealthCheck.start(self.live.current, self.cfg.control.trial_seconds, need_broker=True,
+                                      broker_connected=lambda: self.outputs.delivery().broker_connected,
+                                      inference_errors=self._inference_errors)
+            self.trial = _Trial(startup.trial.request_id, startup.trial.text, self.cfg, None, check, startup.changed)
+            log.info("config_trial", request_id=startup.trial.request_id, config_hash=self.cfg.config_hash,
+                     restarted=True, deadline_s=round(check.deadline - time.monotonic(), 1))
+        elif self.files is not None and startup.origin == "file" and self.config_path is not None:
+            self._remember_good_later = True
+        self.publish_state(force=True)
 
     def handle(self, request: ControlRequest) -> None:
         """Act on one request and answer it; nothing a message carries gets past this method."""
@@ -105,6 +166,7 @@ class ControlPlane:
                     log.error("reload_refused", error=error)
             elif request.kind == "state":
                 self.publish_state(force=True)
+            self._tick_trial()
         except Exception as exc:  # a bug, not a bad message: answer, log the traceback, keep running
             log.exception("control_failed", kind=request.kind, name=request.name)
             detail = f"internal error ({type(exc).__name__}); the agent keeps its running config"
@@ -121,32 +183,131 @@ class ControlPlane:
         request_id: str | None = None
         try:
             request_id, raw, text = _unwrap_config(payload, control.limits(control.max_config_bytes))
+            if self.trial is not None:  # one trial at a time: this push is applied when the trial is answered
+                if len(self._deferred) >= MAX_DEFERRED_PUSHES:
+                    raise ConfigError("(push)", f"{MAX_DEFERRED_PUSHES} pushes already wait for the config on "
+                                      f"trial (request {self.trial.request_id!r}); push again when it is answered")
+                self._deferred.append(payload)
+                log.info("config_deferred", request_id=request_id, waiting=len(self._deferred))
+                return
             pushed = build_config(raw, source="config/set", base_dir=self._base_dir(), read_secrets=False)
             new_cfg = with_secrets(check_push(raw, pushed, self.cfg))
-            restart = self.apply(new_cfg)
+            changed = [name for name in RESTART_FIELDS if getattr(new_cfg, name) != getattr(self.cfg, name)]
+            if changed:
+                self._trial_by_restart(request_id, text, new_cfg, changed)
+                return
+            previous = self.cfg
+            self.apply(new_cfg)
+            check = HealthCheck.start(self.live.current, control.trial_seconds, need_broker=False,
+                                      broker_connected=lambda: self.outputs.delivery().broker_connected,
+                                      inference_errors=self._inference_errors)
+            self.trial = _Trial(request_id, text, new_cfg, previous, check, [])
+            log.info("config_trial", request_id=request_id, config_hash=new_cfg.config_hash, restarted=False,
+                     deadline_s=round(check.deadline - time.monotonic(), 1))
+            self.publish_state(force=True)
         except ConfigError as exc:
             log.warning("config_refused", request_id=request_id, path=exc.path, error=exc.message,
                         value=_jsonable(exc.value))
             self.outputs.publish_config_result(config_result(
-                False, request_id, error={"path": exc.path, "message": exc.message, "value": _jsonable(exc.value)}))
-            return
+                False, request_id, error={"path": exc.path, "message": exc.message, "value": _jsonable(exc.value)},
+                phase="refused"))
         except EdgeAsdError as exc:
             log.warning("config_refused", request_id=request_id, path="", error=str(exc))
             self.outputs.publish_config_result(config_result(
-                False, request_id, error={"path": "", "message": str(exc), "value": None}))
+                False, request_id, error={"path": "", "message": str(exc), "value": None}, phase="refused"))
+
+    def _trial_by_restart(self, request_id: str | None, text: str, new_cfg: AgentConfig, changed: list[str]) -> None:
+        """Sections that apply only at a start: check what can be checked, then restart into the trial."""
+        if self.files is None:
+            raise ConfigError(changed[0], "changes only at a restart, and an agent running on the embedded "
+                              "default config has no config file to restart with")
+        check_restart_sections(new_cfg, changed)
+        self.files.write_trial(PendingTrial(request_id, text, new_cfg.config_hash, time.time(), list(changed)))
+        log.info("config_trial_restart", request_id=request_id, config_hash=new_cfg.config_hash,
+                 sections=",".join(changed))
+        self._restart(f"config push {request_id or ''} changes {', '.join(changed)}".replace("  ", " "))
+
+    def _restart(self, reason: str) -> None:
+        """Ask the agent to re-execute itself; pushes still waiting are answered (they would be lost)."""
+        self._restarting = True
+        for payload in self._deferred:
+            request_id = _request_id_of(payload)
+            self.outputs.publish_config_result(config_result(
+                False, request_id, phase="refused",
+                error={"path": "(push)", "message": "not applied: the agent restarts for an earlier push; "
+                                                    "push again when it is back", "value": None}))
+        self._deferred.clear()
+        self.request_restart(reason)
+
+    def _inference_errors(self) -> float:
+        return self.metrics.registry.get_sample_value("edge_agent_inference_errors_total") or 0.0
+
+    def _tick_trial(self) -> None:
+        trial = self.trial
+        if trial is None:
+            if self._remember_good_later and self.files is not None and self._healthy_now():
+                self._remember_good_later = False
+                self.files.remember_good(self.files.config.read_text(encoding="utf-8"))
             return
+        problems = trial.check.problems()
+        if not problems:
+            self._commit(trial)
+        elif trial.check.expired:
+            self._roll_back(trial, problems)
+        while self.trial is None and self._deferred and not self._restarting:
+            self._config_push(self._deferred.pop(0))
+
+    def _healthy_now(self) -> bool:
+        check = HealthCheck.start(self.live.current, 0.0, need_broker=False,
+                                  broker_connected=lambda: None, inference_errors=lambda: 0.0)
+        check.windows_at_start = {}
+        return not check.problems()
+
+    def _commit(self, trial: _Trial) -> None:
         persisted = False
-        if self.config_path is not None:
+        if self.files is not None:
             try:
-                write_config_atomic(self.config_path, text)
+                self.files.commit(trial.text)
                 persisted = True
             except OSError as exc:
-                log.error("config_not_persisted", path=self.config_path, error=exc)
-        log.info("config_applied", request_id=request_id, config_hash=new_cfg.config_hash, persisted=persisted,
-                 restart_required=",".join(restart) or "-")
-        result = config_result(True, request_id, new_cfg.config_hash, restart_required=restart)
+                log.error("config_not_persisted", path=self.files.config, error=exc)
+        self.trial = None
+        log.info("config_committed", request_id=trial.request_id, config_hash=trial.cfg.config_hash,
+                 persisted=persisted, restarted=bool(trial.changed))
+        result = config_result(True, trial.request_id, trial.cfg.config_hash, restart_required=trial.changed,
+                               phase="committed")
         result["persisted"] = persisted
         self.outputs.publish_config_result(result)
+        self.publish_state(force=True)
+
+    def _roll_back(self, trial: _Trial, problems: list[str]) -> None:
+        reason = "; ".join(problems)
+        rollback = Rollback(trial.request_id, trial.cfg.config_hash, reason, time.time())
+        log.error("config_rolled_back", request_id=trial.request_id, config_hash=trial.cfg.config_hash,
+                  reason=reason, restart=bool(trial.changed))
+        self.trial = None
+        if trial.previous is None:  # on trial since this start: restart with the committed config
+            assert self.files is not None
+            self.files.fail_trial(rollback)
+            self._restart(f"the pushed config failed its trial: {reason}")
+            return
+        try:
+            self.apply(trial.previous)
+        except EdgeAsdError as exc:
+            rollback = Rollback(trial.request_id, trial.cfg.config_hash,
+                                f"{reason}; and going back failed too ({exc}): restarting", time.time())
+            if self.files is not None:
+                self.files.fail_trial(rollback)
+            self._restart(rollback.reason)
+            return
+        self._answer_rollback(rollback)
+
+    def _answer_rollback(self, rollback: Rollback) -> None:
+        self.last_rollback = rollback
+        self.outputs.publish_config_result(config_result(
+            False, rollback.request_id, rollback.config_hash, phase="rolled_back",
+            error={"path": "", "message": f"rolled back: {rollback.reason}", "value": None}))
+        self.publish_state(force=True)
 
     def _reload_file(self) -> tuple[bool, str]:
         if self.config_path is None:
@@ -322,7 +483,19 @@ class ControlPlane:
     # --- state ---------------------------------------------------------------------------------------
 
     def state(self, status: str = "online") -> dict[str, Any]:
-        return agent_state(self.live.current, self.cfg.node, self.started_at, self.outputs.delivery(), status)
+        state = agent_state(self.live.current, self.cfg.node, self.started_at, self.outputs.delivery(), status)
+        trial, rollback = self.trial, self.last_rollback
+        state["config"] = {
+            "origin": self.startup.origin,
+            "trial": None if trial is None else {"request_id": trial.request_id, "config_hash": trial.cfg.config_hash,
+                                                 "restarted": bool(trial.changed)},
+            "last_rollback": None if rollback is None else {
+                "request_id": rollback.request_id, "config_hash": rollback.config_hash, "reason": rollback.reason,
+                "at": iso_time(rollback.at)},
+        }
+        if self.startup.problem:
+            state["config"]["problem"] = self.startup.problem
+        return state
 
     def publish_state(self, force: bool = False, status: str = "online") -> None:
         with self._state_lock:
@@ -404,3 +577,13 @@ def _check_arguments(name: str, args: dict[str, Any]) -> None:
 def _command_error(exc: ConfigError) -> str:
     shown = f" (got {json.dumps(_jsonable(exc.value))})" if exc.value is not None else ""
     return f"{exc.path}: {exc.message}{shown}"
+
+
+def _request_id_of(payload: bytes) -> str | None:
+    """The id of a wrapped push, best effort (for answering a push that is not applied)."""
+    try:
+        doc = json.loads(payload[:MAX_PEEK_BYTES].decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    given = doc.get("id") if isinstance(doc, dict) else None
+    return given if isinstance(given, str) and 0 < len(given) <= MAX_REQUEST_ID else None

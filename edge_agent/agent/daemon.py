@@ -11,38 +11,52 @@ Threads:
 from __future__ import annotations
 
 import json
+import logging
+import os
 import queue
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.agent.config import AgentConfig, load_config, load_default_config
-from edge_agent.agent.control import ControlPlane, ControlRequest
+from edge_agent.agent.config import AgentConfig, load_config, load_default_config, parse_config
+from edge_agent.agent.connection import tls_context
+from edge_agent.agent.control import ControlPlane, ControlRequest, Startup
 from edge_agent.agent.inference import InferenceLoop, publish_alert
 from edge_agent.agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.agent.outputs import make_outputs
 from edge_agent.agent.runtime import LiveRuntime, Runtime, build_runtime
 from edge_agent.agent.sdnotify import SystemdNotifier
 from edge_agent.agent.state import runtime_metrics
+from edge_agent.agent.trial import Rollback, TrialFiles
 from edge_agent.audio.windowing import Window
+from edge_agent.errors import ConfigError, EdgeAsdError
 from edge_agent.logs import get_logger, setup_logging
 
 log = get_logger(__name__)
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, config_path: Path | None, notifier: SystemdNotifier | None = None):
+    def __init__(self, cfg: AgentConfig, config_path: Path | None, notifier: SystemdNotifier | None = None,
+                 startup: Startup | None = None):
         self.notifier = notifier or SystemdNotifier()
         self.metrics = AgentMetrics()
         self.windows: queue.Queue[Window] = queue.Queue(maxsize=cfg.queue_windows)
         self.requests: queue.Queue[ControlRequest | None] = queue.Queue()
         self._stops: queue.Queue[str] = queue.Queue()
+        self.restart_reason: str | None = None  # set when the agent must re-execute itself (a trial, a rollback)
+        if cfg.mqtt is not None and cfg.mqtt.tls is not None:
+            try:  # before anything logs: a TLS file that does not load is one line and exit 2
+                tls_context(cfg.mqtt.tls)
+            except ConfigError as exc:
+                raise exc.in_source(cfg.source_file) from None
+        # The runtime before the outputs: a config whose models or banks do not load leaves no spool open.
+        self.live = LiveRuntime(build_runtime(cfg, None))
         self.outputs = make_outputs(cfg, lambda kind, name, payload: self.requests.put(
             ControlRequest(kind, name, payload)))
-        self.live = LiveRuntime(build_runtime(cfg, None))
         self.control = ControlPlane(cfg, config_path, self.live, self.outputs, self.metrics, self.notifier,
-                                    self.requests, self._start_sources)
+                                    self.requests, self._start_sources, self.request_restart, startup)
         self.inference = InferenceLoop(self.live, self.windows, self.outputs, self.metrics, self.control.enroll_ready)
         self.metrics.add_collector(lambda: runtime_metrics(self.live.current, self.outputs.delivery()))
         self.metrics_server: MetricsServer | None = None
@@ -102,6 +116,11 @@ class Agent:
     def request_stop(self, reason: str) -> None:
         self._stops.put(reason)
 
+    def request_restart(self, reason: str) -> None:
+        """Stop cleanly, then run again in this process (run() re-executes the same command line)."""
+        self.restart_reason = reason
+        self._stops.put(f"restart: {reason}")
+
     def _start_sources(self, runtime: Runtime) -> None:
         for source in runtime.fresh_sources:
             source.start(self._accept_window)
@@ -120,7 +139,7 @@ class Agent:
                 and self.windows.unfinished_tasks == 0)
 
     def _shutdown(self) -> None:
-        status = "stopped"
+        status = "stopped" if self.restart_reason is None else "restarting"
         for pipeline in self.runtime.pipelines.values():
             pipeline.source.stop()
         self.control.stop()
@@ -140,19 +159,64 @@ class Agent:
 
 
 def run(config_path: Path | None, check: bool = False) -> int:
-    """Run the agent until SIGTERM/SIGINT (or until every finite source is done); returns the exit code."""
-    cfg = load_config(config_path) if config_path is not None else load_default_config()
-    setup_logging(cfg.logging.level, cfg.logging.format)
-    agent = Agent(cfg, config_path)
+    """Run the agent until SIGTERM/SIGINT (or until every finite source is done); returns the exit code.
+
+    With a config file, the start goes through `start_agent`: a pushed config on trial, else the file,
+    else the last config that ran healthy. A trial or a rollback ends this process by re-executing it.
+    """
+    if config_path is None:
+        cfg = load_default_config()
+        setup_logging(cfg.logging.level, cfg.logging.format)
+        agent = Agent(cfg, None)
+    else:
+        agent = start_agent(config_path)
     if check:
-        print(json.dumps({"ok": True, "config_hash": cfg.config_hash, "sources": list(agent.runtime.pipelines)}))
+        print(json.dumps({"ok": True, "config_hash": agent.cfg.config_hash, "sources": list(agent.runtime.pipelines),
+                          "origin": agent.control.startup.origin}))
         return 0
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop("SIGINT"))
     signal.signal(signal.SIGHUP, lambda *_: agent.requests.put(ControlRequest("reload")))
     try:
-        return agent.run()
+        code = agent.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if agent.restart_reason is not None:
+        log.info("reexec", reason=agent.restart_reason)
+        logging.shutdown()
+        os.execv(sys.executable, sys.orig_argv)
+    return code
+
+
+def start_agent(config_path: Path) -> Agent:
+    """The agent for this start: a pending trial if it builds, else the config file, else the last-known-good
+    copy of it. What was passed over is logged and reported in the state; a push that failed is answered."""
+    files = TrialFiles(config_path)
+    base_dir = config_path.resolve().parent
+    rollback = files.read_rollback()
+    trial = files.read_trial()
+    if trial is not None:
+        try:
+            cfg = parse_config(trial.text, source=f"{config_path} (pushed, on trial)", base_dir=base_dir)
+            setup_logging(cfg.logging.level, cfg.logging.format)
+            return Agent(cfg, config_path, startup=Startup("trial", trial=trial, rollback=rollback,
+                                                           changed=list(trial.changed)))
+        except EdgeAsdError as exc:
+            rollback = Rollback(trial.request_id, trial.config_hash, f"the pushed config could not start: {exc}",
+                                time.time())
+            files.fail_trial(rollback)
+    problem = None
+    try:
+        cfg = load_config(config_path)
+        setup_logging(cfg.logging.level, cfg.logging.format)
+        return Agent(cfg, config_path, startup=Startup("file", rollback=rollback))
+    except EdgeAsdError as exc:
+        if not files.last_good.is_file():
+            raise
+        problem = str(exc)
+    cfg = parse_config(files.last_good.read_text(encoding="utf-8"), source=str(files.last_good), base_dir=base_dir)
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    log.error("config_file_unusable", path=config_path, error=problem, using=files.last_good)
+    return Agent(cfg, config_path, startup=Startup("last_good", rollback=rollback, problem=problem))

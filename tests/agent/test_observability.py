@@ -111,6 +111,9 @@ def test_systemd_unit_declares_notify_watchdog_and_hardening() -> None:
                  "StateDirectory=edge-agent", "DevicePolicy=closed", "DeviceAllow=char-alsa rw",
                  "ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes"):
         assert line in unit, line
+    # a config that cannot start (exit 2) is not restarted every 5 s forever; a crash loop is bounded
+    for line in ("RestartPreventExitStatus=2", "StartLimitIntervalSec=600", "StartLimitBurst=5"):
+        assert line in unit, line
     sysusers = [line.split() for line in (REPO / "systemd" / "edge-agent.sysusers").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     assert sysusers[0][:2] == ["u", "edge-agent"] and ["m", "edge-agent", "audio"] in sysusers
