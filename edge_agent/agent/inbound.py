@@ -57,8 +57,9 @@ def load_json(data: bytes | str, limits: InputLimits, what: str = "payload") -> 
 def load_yaml(text: str, limits: InputLimits, what: str = "config") -> Any:
     """YAML (or JSON) within the limits: no duplicate keys, at most max_aliases aliases."""
     check_size(text, limits, what)
-    loader = _LimitedLoader(text, limits)
+    loader = None
     try:
+        loader = _LimitedLoader(text, limits)  # the reader already refuses unprintable characters
         value = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -67,7 +68,8 @@ def load_yaml(text: str, limits: InputLimits, what: str = "config") -> Any:
     except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: an integer of too many digits
         raise ConfigError("document", f"not valid YAML: {shorten(str(exc))}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     check_tree(value, limits)
     return value
 
