@@ -107,7 +107,7 @@ def _mode(path: Path) -> int:
 @dataclass
 class HealthCheck:
     """Is the agent healthy with the config it runs: every source delivers windows, inference works, the
-    state directory takes writes and, when `need_broker`, the broker connection is up. Checked until the
+    state (and spool) directory takes writes and, when `need_broker`, the broker connection is up. Checked until the
     deadline; it passes as soon as everything was seen at once."""
 
     runtime: Runtime
@@ -144,14 +144,16 @@ class HealthCheck:
             found.append("inference failed on windows of the new config (see the log: event=inference_failed)")
         if self.need_broker and self.broker_connected() is False:
             found.append("the broker connection is not up")
-        state_dir = self.runtime.cfg.state_dir
-        probe = state_dir / f".write-probe-{os.getpid()}"
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(probe, b"ok")
-            probe.unlink()
-        except OSError as exc:
-            found.append(f"the state directory {state_dir} takes no writes ({exc.strerror})")
+        cfg = self.runtime.cfg
+        directories = {"state": cfg.state_dir, **({"spool": cfg.spool_dir} if cfg.mqtt is not None else {})}
+        for what, directory in directories.items():
+            probe = directory / f".write-probe-{os.getpid()}"
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                atomic_write(probe, b"ok")
+                probe.unlink()
+            except OSError as exc:
+                found.append(f"the {what} directory {directory} takes no writes ({exc.strerror})")
         return found
 
     @property

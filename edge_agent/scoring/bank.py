@@ -38,6 +38,7 @@ from edge_agent.scoring.knn import ExactIndex, HnswIndex, HnswParams, cap_k
 FORMAT_VERSION = 1
 DOMAINS: tuple[str, str] = ("source", "target")
 BANK_JSON = "bank.json"
+MAX_REFS = 5_000_000  # refs per domain: far beyond a device's banks (docs/benchmarks.md measures 1M)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -323,6 +324,9 @@ class _Reader:
         info = ModelInfo.from_dict(doc["model"])
         layers = [str(x) for x in doc["layers"]]
         counts = {d: int(doc["counts"][d]) for d in DOMAINS}
+        for domain, count in counts.items():
+            if not 0 <= count <= MAX_REFS:
+                raise self._fail(BANK_JSON, f"counts.{domain} is {count}; a bank holds 0 to {MAX_REFS} refs per domain")
         files: dict[str, bytes] = {}
         embeddings: dict[str, dict[str, np.ndarray]] = {d: {} for d in DOMAINS}
         for layer in layers:

@@ -213,3 +213,41 @@ def test_bad_scoring_keys_are_answered_with_path_message_and_value(tmp_path: Pat
         assert cfg.read_text() == original and proc.poll() is None
     finally:
         assert stop_agent(proc, log) == 0, log.read_text()
+
+
+def test_every_enroll_is_answered_however_it_ends(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                  broker: Mosquitto, watcher: Watcher, validators: dict) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (4, 6))
+    cfg, log, proc = _running_agent(tmp_path, toy_model, bank_dir, broker, wav, watcher)
+    results = f"{BASE}/cmd/result"
+
+    def answer(request_id: str) -> dict:
+        watcher.wait_for(lambda m: any(r.get("request_id") == request_id for r in watcher.on(results)),
+                         what=f"the answer to {request_id}")
+        found = [r for r in watcher.on(results) if r.get("request_id") == request_id][-1]
+        validators["cmd_result"].validate(found)
+        return found
+
+    try:
+        # cancelled: both the cancel and the enroll it cancels are answered
+        watcher.publish(f"{BASE}/cmd/enroll", json.dumps({"id": "long", "windows": 10000}))
+        watcher.publish(f"{BASE}/cmd/enroll", json.dumps({"id": "stop-it", "cancel": True}))
+        cancel = answer("stop-it")
+        assert cancel["ok"] is True and cancel["result"]["cancelled"] == "long", cancel
+        cancelled = answer("long")
+        assert cancelled["ok"] is False and "cancelled" in cancelled["error"]
+        # its source removed by a push: answered when the push applies
+        watcher.publish(f"{BASE}/cmd/enroll", json.dumps({"id": "orphan", "windows": 10000}))
+        doc = yaml.safe_load(cfg.read_text())
+        doc["sources"][0]["name"] = "pump"  # the source `fan` is gone
+        watcher.publish(f"{BASE}/config/set", json.dumps({"id": "rename", "config": doc}))
+        orphan = answer("orphan")
+        assert orphan["ok"] is False and "removed" in orphan["error"], orphan
+        # the agent stopping before an enroll has its windows
+        watcher.publish(f"{BASE}/cmd/enroll", json.dumps({"id": "at-shutdown", "source": "pump", "windows": 10000}))
+        watcher.wait_for(lambda m: any("enroll_started" in line and "at-shutdown" in line
+                                       for line in log.read_text().splitlines()), what="the enroll started")
+    finally:
+        assert stop_agent(proc, log) == 0, log.read_text()[-3000:]
+    stopped = answer("at-shutdown")
+    assert stopped["ok"] is False and "stopping" in stopped["error"], stopped

@@ -146,6 +146,8 @@ def _write_json(path: Path, doc: dict) -> None:
          r"bank\.json: malformed \(KeyError: 'names'\)"),
         (lambda p: _write_json(p, {**_json(p), "model": {**_json(p)["model"], "dims": [8]}}),
          r"bank\.json: layers .* and dims .* differ"),
+        (lambda p: _write_json(p, {**_json(p), "counts": {"source": 10**12, "target": 6}}),
+         r"bank\.json: counts\.source is 1000000000000; a bank holds 0 to 5000000 refs"),
     ],
 )
 def test_damaged_banks_give_clear_errors(bank: MemoryBank, tmp_path: Path, damage, message: str) -> None:
