@@ -31,6 +31,7 @@ from edge_agent.agent.enroll_job import EnrollJob, build_target_bank
 from edge_agent.agent.inbound import InputLimits, load_json, load_yaml
 from edge_agent.agent.inference import publish_alert
 from edge_agent.agent.metrics import AgentMetrics
+from edge_agent.agent.open_episodes import OpenEpisodes
 from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import command_result, config_result
 from edge_agent.agent.preflight import check_restart_sections
@@ -93,7 +94,8 @@ class ControlPlane:
     def __init__(self, cfg: AgentConfig, config_path: Path | None, live: LiveRuntime, outputs: Outputs,
                  metrics: AgentMetrics, notifier: SystemdNotifier, requests: queue.Queue[ControlRequest | None],
                  start_sources: Callable[[Runtime], None], request_restart: Callable[[str], None],
-                 startup: Startup | None = None) -> None:
+                 episodes: OpenEpisodes, startup: Startup | None = None) -> None:
+        self.episodes = episodes
         self.cfg = cfg
         self.config_path = config_path
         self.files = TrialFiles(config_path) if config_path is not None else None
@@ -353,6 +355,7 @@ class ControlPlane:
             self.cfg = dataclasses.replace(new_cfg, **{name: getattr(self.cfg, name) for name in restart})
         for pipeline, event in closed:
             publish_alert(self.outputs, self.metrics, pipeline, event)
+            self.episodes.set(pipeline.cfg.name, None)
         for name, job in abandoned:
             self._abandon(name, job, "the models changed while enrolling; enroll again")
         for name, job in removed:

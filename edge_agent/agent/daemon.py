@@ -23,8 +23,10 @@ from typing import Any
 from edge_agent.agent.config import AgentConfig, load_config, load_default_config, parse_config
 from edge_agent.agent.connection import tls_context
 from edge_agent.agent.control import ControlPlane, ControlRequest, Startup
+from edge_agent.agent.episodes import end_after_restart
 from edge_agent.agent.inference import InferenceLoop, publish_alert
 from edge_agent.agent.metrics import AgentMetrics, MetricsServer
+from edge_agent.agent.open_episodes import OpenEpisodes
 from edge_agent.agent.outputs import make_outputs
 from edge_agent.agent.runtime import LiveRuntime, Runtime, build_runtime
 from edge_agent.agent.sdnotify import SystemdNotifier
@@ -55,9 +57,11 @@ class Agent:
         self.live = LiveRuntime(build_runtime(cfg, None))
         self.outputs = make_outputs(cfg, lambda kind, name, payload: self.requests.put(
             ControlRequest(kind, name, payload)))
+        self.episodes = OpenEpisodes(cfg.state_dir)
         self.control = ControlPlane(cfg, config_path, self.live, self.outputs, self.metrics, self.notifier,
-                                    self.requests, self._start_sources, self.request_restart, startup)
-        self.inference = InferenceLoop(self.live, self.windows, self.outputs, self.metrics, self.control.enroll_ready)
+                                    self.requests, self._start_sources, self.request_restart, self.episodes, startup)
+        self.inference = InferenceLoop(self.live, self.windows, self.outputs, self.metrics, self.control.enroll_ready,
+                                       self.episodes)
         self.metrics.add_collector(lambda: runtime_metrics(self.live.current, self.outputs.delivery()))
         self.metrics_server: MetricsServer | None = None
 
@@ -83,6 +87,7 @@ class Agent:
                 self.metrics_server.start()
                 log.info("metrics_listening", host=metrics_cfg.host, port=self.metrics_server.port)
         self.outputs.start()
+        self._end_episodes_left_open()
         self.outputs.set_sources(self.runtime)
         self.inference.start()
         self.control.start()
@@ -112,6 +117,20 @@ class Agent:
         self.notifier.stopping()
         self._shutdown()
         return 0
+
+    def _end_episodes_left_open(self) -> None:
+        """A crash or power cut left these episodes open: end them, so that every `new` has its `end`."""
+        for source, snapshot in self.episodes.left_open().items():
+            try:
+                event = end_after_restart(snapshot)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("episode_not_ended", source=source, error=f"saved episode unreadable: {exc!r}")
+                continue
+            self.metrics.alerts.labels(source=source, type="end").inc()
+            log.info("alert", type="end", source=source, event_id=event["event_id"], reason="restarted",
+                     end=event["end"])
+            self.outputs.publish_alert(source, event)
+        self.episodes.clear()
 
     def request_stop(self, reason: str) -> None:
         self._stops.put(reason)
@@ -151,6 +170,7 @@ class Agent:
                       for event in p.tracker.close(now, reason="stopped")]
         for pipeline, event in closed:
             publish_alert(self.outputs, self.metrics, pipeline, event)
+        self.episodes.clear()
         self.control.publish_state(force=True, status=status)
         self.outputs.stop(status)
         if self.metrics_server is not None:

@@ -7,6 +7,7 @@ An episode opens after `raise_after` consecutive windows score over the threshol
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from dataclasses import dataclass
@@ -49,6 +50,15 @@ class EpisodeTracker:
         if self.episode is None:
             return self._idle(window_start, score, over)
         return self._active(window_start, score, over)
+
+    def snapshot(self, last_window: float) -> dict[str, Any] | None:
+        """The open episode as it must survive a crash (None: no episode open): enough to end it later."""
+        episode = self.episode
+        if episode is None:
+            return None
+        return {"event_id": episode.event_id, "seq": episode.seq, "start": episode.start,
+                "top_score": episode.top_score, "windows_over": episode.windows_over, "last_window": last_window,
+                "context": dataclasses.asdict(self.context)}
 
     def close(self, at: float, reason: str) -> list[dict[str, Any]]:
         """End an open episode now (agent stopping, source removed)."""
@@ -109,3 +119,12 @@ class EpisodeTracker:
         episode.since_update = 0
         return alert_payload(self.context, kind, episode.event_id, episode.seq, episode.start, end, window_start,
                              score, episode.top_score, episode.windows_over, reason)
+
+
+def end_after_restart(snapshot: dict[str, Any], reason: str = "restarted") -> dict[str, Any]:
+    """The `end` event of an episode that a crash or power cut left open (`snapshot` as saved): it ends at
+    the last window scored before the stop."""
+    ctx = AlertContext(**snapshot["context"])
+    last = float(snapshot["last_window"])
+    return alert_payload(ctx, "end", str(snapshot["event_id"]), int(snapshot["seq"]) + 1, float(snapshot["start"]),
+                         last, last, None, float(snapshot["top_score"]), int(snapshot["windows_over"]), reason)

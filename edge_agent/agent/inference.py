@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_agent.agent.enroll_job import EnrollJob
 from edge_agent.agent.metrics import AgentMetrics
+from edge_agent.agent.open_episodes import OpenEpisodes
 from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import score_payload
 from edge_agent.agent.runtime import LiveRuntime, SourcePipeline
@@ -41,6 +42,7 @@ class _Decision:
     score: float
     events: list[dict[str, Any]]
     decide_seconds: float
+    episode: dict[str, Any] | None  # the source's open episode after this window, as saved for a restart
 
 
 def publish_alert(outputs: Outputs, metrics: AgentMetrics, pipeline: SourcePipeline, event: dict[str, Any]) -> None:
@@ -53,8 +55,9 @@ def publish_alert(outputs: Outputs, metrics: AgentMetrics, pipeline: SourcePipel
 
 class InferenceLoop:
     def __init__(self, live: LiveRuntime, windows: queue.Queue[Window], outputs: Outputs, metrics: AgentMetrics,
-                 on_enroll_ready: EnrollReady) -> None:
+                 on_enroll_ready: EnrollReady, episodes: OpenEpisodes) -> None:
         self.live = live
+        self.episodes = episodes
         self.windows = windows
         self.outputs = outputs
         self.metrics = metrics
@@ -149,13 +152,20 @@ class InferenceLoop:
                 for row, score in zip(rows, scores, strict=True):
                     t0 = time.monotonic()
                     events = pipeline.tracker.observe(live[row].start_time, float(score))
-                    decisions.append(_Decision(pipeline, live[row], float(score), events, time.monotonic() - t0))
+                    decisions.append(_Decision(pipeline, live[row], float(score), events, time.monotonic() - t0,
+                                               pipeline.tracker.snapshot(live[row].start_time)))
 
     def _publish(self, d: _Decision) -> None:
         t0 = time.monotonic()
         pipeline, window, name = d.pipeline, d.window, d.pipeline.cfg.name
+        # Saved before a `new` goes out and forgotten only after its `end` did: a crash in between can only
+        # cost a second `end`, never a missing one.
+        if d.episode is not None:
+            self.episodes.set(name, d.episode)
         for event in d.events:
             publish_alert(self.outputs, self.metrics, pipeline, event)
+        if d.episode is None:
+            self.episodes.set(name, None)
         latency = time.monotonic() - window.captured_at
         if pipeline.cfg.publish_scores:
             self.outputs.publish_score(name, score_payload(pipeline.context, window.start_time, d.score,
