@@ -49,12 +49,12 @@ log = get_logger(__name__)
 STATE_REFRESH_SECONDS = 60.0
 # Sections that a running agent cannot change in place; they apply at the next start.
 RESTART_FIELDS = ("node", "state_dir", "mqtt", "spool", "output", "metrics", "logging", "queue_windows")
-COMMANDS = ("enroll", "reload", "status")
+COMMANDS = ("acknowledge", "enroll", "reload", "status")
 TRIAL_TICK_SECONDS = 0.5  # how often a config on trial is checked
 MAX_DEFERRED_PUSHES = 16
 MAX_PEEK_BYTES = 1 << 20
 # The arguments each command takes besides "id" (the request id, a string of at most MAX_REQUEST_ID characters).
-COMMAND_ARGUMENTS = {"enroll": ("source", "windows", "cancel"), "reload": (), "status": ()}
+COMMAND_ARGUMENTS = {"acknowledge": ("what",), "enroll": ("source", "windows", "cancel"), "reload": (), "status": ()}
 MAX_REQUEST_ID = 128
 
 
@@ -386,6 +386,15 @@ class ControlPlane:
                 self.outputs.publish_command_result(command_result(
                     name, ok, request_id, result={"config_hash": detail} if ok else None,
                     error=None if ok else detail))
+            elif name == "acknowledge":
+                if args.get("what") != "drops":
+                    raise ConfigError("what", "must be \"drops\" (alerts dropped: the spool was full or unwritable)",
+                                      args.get("what"))
+                seen = self.outputs.acknowledge_drops()
+                log.info("drops_acknowledged", request_id=request_id, drops=seen)
+                self.outputs.publish_command_result(command_result(name, True, request_id,
+                                                                   result={"acknowledged_drops": seen}))
+                self.publish_state(force=True)
             elif name == "enroll" and args.get("cancel") is not None:
                 self.outputs.publish_command_result(command_result(name, True, request_id,
                                                                    result=self._cancel_enroll(args)))

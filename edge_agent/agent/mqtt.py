@@ -135,13 +135,18 @@ class MqttPublisher:
         self.client.loop_start()
 
     def publish_alert(self, source: str, payload: dict[str, Any]) -> None:
-        self._events.put(("spool", self.topics.alert(source), _dumps(payload), 1))
+        """On disk (fsynced) before this returns; the worker hands it to paho."""
+        self._spool(self.topics.alert(source), _dumps(payload), 1)
 
     def publish_score(self, source: str, payload: dict[str, Any]) -> None:
         if self.mcfg.spool_scores:
-            self._events.put(("spool", self.topics.score(source), _dumps(payload), 0))
+            self._spool(self.topics.score(source), _dumps(payload), 0)
         else:
             self._events.put(("direct", self.topics.score(source), _dumps(payload), 0, False))
+
+    def _spool(self, topic: str, payload: str, qos: int) -> None:
+        record = self.spool.append(topic, payload, qos)  # None: held in memory, the worker retries
+        self._events.put(("spooled", record))
 
     def publish_result(self, topic: str, payload: dict[str, Any]) -> None:
         self._events.put(("direct", topic, _dumps(payload), 1, False))
@@ -207,14 +212,14 @@ class MqttPublisher:
             try:
                 event = self._events.get(timeout=0.5)
             except queue.Empty:
-                continue
+                event = ("idle",)
             kind = event[0]
             try:
-                if kind == "spool":
-                    _, topic, payload, qos = event
-                    record = self.spool.append(topic, payload, qos)
-                    if self.connected:
-                        self._fresh.add(record.seq)
+                if self.spool.stats().held and self.spool.retry_held():
+                    self._flush()
+                if kind == "spooled":
+                    if event[1] is not None and self.connected:
+                        self._fresh.add(event[1].seq)
                     self._flush()
                 elif kind == "direct":
                     self._direct(*event[1:])
@@ -310,15 +315,8 @@ class MqttPublisher:
         self._handed_seqs.add(record.seq)
 
     def _handle_stop(self, status: str, done: threading.Event) -> None:
-        # Drain what was queued before stop: alerts must reach the spool even if the broker is down.
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if event[0] == "spool":
-                _, topic, payload, qos = event
-                self.spool.append(topic, payload, qos)
+        # Alerts are on disk before they are queued here (publish_alert); what the disk refused is retried
+        # once more when the spool closes.
         if self.connected:
             deadline = time.monotonic() + 2.0
             while self._handed and time.monotonic() < deadline:

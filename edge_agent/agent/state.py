@@ -43,7 +43,12 @@ def agent_state(runtime: Runtime, node: str, started_at: float, delivery: Delive
         "health": "degraded" if degraded else "ok",
     }
     if delivery.spool is not None:
-        state["spool"] = {"pending": delivery.spool.pending, "dropped": delivery.spool.dropped}
+        spool = delivery.spool
+        state["spool"] = {"pending": spool.pending, "dropped": spool.dropped, "held": spool.held,
+                          "unacknowledged_drops": spool.unacknowledged_drops}
+    if delivery.problem is not None:
+        state["health"] = "degraded"
+        state["delivery_problem"] = delivery.problem
     if delivery.broker_connected is not None:
         state["broker"] = {"connected": delivery.broker_connected, "cause": delivery.broker_cause}
     return state
@@ -92,7 +97,10 @@ def runtime_metrics(runtime: Runtime, delivery: DeliveryStats) -> Iterator[Metri
         yield GaugeMetricFamily("edge_agent_spool_bytes", "Bytes waiting in the on-disk spool",
                                 value=delivery.spool.bytes)
         yield CounterMetricFamily("edge_agent_spool_dropped_total",
-                                  "Spooled messages dropped because the spool was full", value=delivery.spool.dropped)
+                                  "Messages dropped: spool full, or unwritable too long (kept across restarts)",
+                                  value=delivery.spool.dropped)
+        yield GaugeMetricFamily("edge_agent_spool_held_messages",
+                                "Messages held in memory because the disk refuses writes", value=delivery.spool.held)
     if delivery.broker_connected is not None:
         yield GaugeMetricFamily("edge_agent_broker_connected", "1 while connected to the MQTT broker",
                                 value=1.0 if delivery.broker_connected else 0.0)

@@ -3,8 +3,15 @@ every fault must leave behind: nothing lost, nothing out of order, every episode
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from .agent_helpers import (
     BASE,
@@ -80,7 +87,7 @@ def test_sigkill_mid_episode_leaves_no_episode_without_an_end(tmp_path: Path, to
             if broker_down:
                 wait_for_log(log, lambda text, k=kills: text.count("event=started") > k, what="the restarted agent")
                 broker.start()
-        watcher.wait_for(lambda m: _open_episode(watcher), what="episodes after the last restart")
+        watcher.wait_for(lambda m: _restart_ends(watcher) >= kills, what="the end of the last killed episode")
         assert stop_agent(proc, log) == 0, log.read_text()[-3000:]
         watcher.wait_for(lambda m: m and m[-1][0] == f"{BASE}/status" and m[-1][1] == "stopped", what="stopped")
     finally:
@@ -94,3 +101,74 @@ def test_sigkill_mid_episode_leaves_no_episode_without_an_end(tmp_path: Path, to
     print(f"\nSIGKILL x{kills} mid-episode (2 with the broker down): {census}")
     assert census["without_end"] == 0 and census["without_new"] == 0 and census["seq_gaps"] == 0, census
     assert census["ended_by_restart"] >= kills, census
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs (CI runs as root) to fill up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True, timeout=30)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
+
+
+def _fill(directory: Path) -> None:
+    """Write a filler file until the disk is full."""
+    fd = os.open(directory / f"filler-{time.monotonic_ns()}", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_holds_alerts_in_memory_and_loses_none(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                           broker: Mosquitto, watcher: Watcher, tiny_disk: Path,
+                                                           validators: dict) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (3, 8))
+    cfg = write_config(tmp_path, toy_model, bank_dir, broker.port, wav, realtime=True, loop=True, speed=10,
+                       extra=f"spool: {{dir: {tiny_disk / 'spool'}}}")
+    log = tmp_path / "agent.log"
+    proc = start_agent(cfg, log)
+    try:
+        watcher.wait_for(lambda m: len(alerts(watcher)) >= 3, what="alerts before the disk fills")
+        _fill(tiny_disk)  # others fill the disk: the spool gives up its reserve, then holds alerts in memory
+        wait_for_log(log, lambda text: "event=spool_reserve_released" in text, what="the reserve released")
+        _fill(tiny_disk)
+        failed = wait_for_log(log, lambda text: "event=spool_write_failed" in text, what="the first refused write")
+        held_from = failed.count("event=alert ")
+        wait_for_log(log, lambda text: text.count("event=alert ") >= held_from + 6, what="alerts held in memory")
+        watcher.wait_for(lambda m: any(s.get("health") == "degraded" and "held in memory" in
+                                       s.get("delivery_problem", "") for s in watcher.on(f"{BASE}/state")),
+                         what="health degraded while alerts are held")
+        for filler in tiny_disk.glob("filler-*"):
+            filler.unlink()
+        wait_for_log(log, lambda text: "event=spool_write_recovered" in text, what="the held alerts written")
+        watcher.wait_for(lambda m: watcher.on(f"{BASE}/state")[-1].get("health") == "ok", what="health ok again")
+        assert stop_agent(proc, log) == 0, log.read_text()[-3000:]
+        watcher.wait_for(lambda m: m and m[-1][0] == f"{BASE}/status" and m[-1][1] == "stopped", what="stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    sent = {(line.split("event_id=")[1].split()[0], line.split("type=")[1].split()[0])
+            for line in text.splitlines() if "event=alert " in line}
+    received = alerts(watcher)
+    for e in received:
+        validators["alert"].validate(e)
+    got = {(e["event_id"], e["type"]) for e in received}
+    census = episode_census(received)
+    failures = text.count("event=spool_write_failed")
+    print(f"\ndisk full: {len(sent)} alert events sent, {len(sent - got)} lost, {census}, "
+          f"write failures logged {failures}x")
+    assert sent <= got, f"lost: {sorted(sent - got)[:5]}"
+    assert census["without_end"] == 0 and census["seq_gaps"] == 0
+    assert failures == 1, "one log line per burst of failures"
+    assert "event=spool_dropped" not in text
