@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent.agent.inbound import LOCAL_FILE, InputLimits, load_yaml
+from edge_agent.audio.quality import AudioChecks
 from edge_agent.errors import ConfigError
 from edge_agent.fsutil import atomic_write
 from edge_agent.scoring.config import NONNEGATIVE_SCORES, ScoringConfig
@@ -82,6 +83,8 @@ class SourceConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     enroll: EnrollConfig = field(default_factory=EnrollConfig)
     publish_scores: bool = False  # per-window score on <prefix>/<node>/<source>/score (QoS 0)
+    # broken input (NaN, silence, clipping, a lower-rate recording) is reported and never scored
+    audio_checks: AudioChecks = field(default_factory=AudioChecks)
     # mic: no frames this long = device lost
     stall_seconds: float = field(default=5.0, metadata=_limits(lo=0.1, hi=3600.0))
     retry_initial_seconds: float = field(default=1.0, metadata=_limits(lo=0.01, hi=3600.0))

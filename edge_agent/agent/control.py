@@ -36,7 +36,14 @@ from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import command_result, config_result
 from edge_agent.agent.preflight import check_restart_sections
 from edge_agent.agent.push import check_push
-from edge_agent.agent.runtime import LiveRuntime, Runtime, SourcePipeline, bank_stamp, build_runtime
+from edge_agent.agent.runtime import (
+    LiveRuntime,
+    Runtime,
+    SourcePipeline,
+    bank_stamp,
+    build_runtime,
+    failed_sources_changed,
+)
 from edge_agent.agent.sdnotify import SystemdNotifier
 from edge_agent.agent.state import agent_state, state_signature
 from edge_agent.agent.trial import HealthCheck, PendingTrial, Rollback, TrialFiles
@@ -244,7 +251,25 @@ class ControlPlane:
     def _inference_errors(self) -> float:
         return self.metrics.registry.get_sample_value("edge_agent_inference_errors_total") or 0.0
 
+    def _retry_failed_sources(self) -> None:
+        changed = failed_sources_changed(self.live.current)
+        if not changed or self.trial is not None:
+            return
+        log.info("source_retry", sources=",".join(changed), cause="its bank files changed")
+        try:
+            self.apply(self.cfg, isolate=True)
+        except EdgeAsdError as exc:
+            log.error("source_retry_failed", error=str(exc))
+            return
+        for name in changed:
+            failed = self.live.current.failed.get(name)
+            if failed is None:
+                log.info("source_recovered", source=name)
+            else:
+                log.error("source_failed", source=name, path=failed.error.path, error=failed.error.message)
+
     def _tick_trial(self) -> None:
+        self._retry_failed_sources()
         trial = self.trial
         if trial is None:
             if self._remember_good_later and self.files is not None and self._healthy_now():
@@ -317,7 +342,7 @@ class ControlPlane:
         self.notifier.reloading()
         try:
             new_cfg = load_config(self.config_path)
-            restart = self.apply(new_cfg)
+            restart = self.apply(new_cfg, isolate=True)
         except EdgeAsdError as exc:
             self.notifier.ready()
             return False, str(exc)
@@ -326,10 +351,11 @@ class ControlPlane:
                  restart_required=",".join(restart) or "-")
         return True, new_cfg.config_hash
 
-    def apply(self, new_cfg: AgentConfig) -> list[str]:
-        """Build the new runtime beside the old one, then swap; raises (old keeps running) on error."""
+    def apply(self, new_cfg: AgentConfig, isolate: bool = False) -> list[str]:
+        """Build the new runtime beside the old one, then swap; raises (old keeps running) on error.
+        isolate: a source whose bank does not load is set aside as failed (see build_runtime)."""
         restart = [name for name in RESTART_FIELDS if getattr(new_cfg, name) != getattr(self.cfg, name)]
-        new = build_runtime(new_cfg, self.live.current)
+        new = build_runtime(new_cfg, self.live.current, isolate=isolate)
         closed: list[tuple[SourcePipeline, dict[str, Any]]] = []
         abandoned: list[tuple[str, EnrollJob]] = []
         removed: list[tuple[str, EnrollJob]] = []

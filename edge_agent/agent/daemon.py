@@ -28,6 +28,7 @@ from edge_agent.agent.inference import InferenceLoop, publish_alert
 from edge_agent.agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.agent.open_episodes import OpenEpisodes
 from edge_agent.agent.outputs import make_outputs
+from edge_agent.agent.preflight import check_directories
 from edge_agent.agent.runtime import LiveRuntime, Runtime, build_runtime
 from edge_agent.agent.sdnotify import SystemdNotifier
 from edge_agent.agent.state import runtime_metrics
@@ -48,13 +49,14 @@ class Agent:
         self.requests: queue.Queue[ControlRequest | None] = queue.Queue()
         self._stops: queue.Queue[str] = queue.Queue()
         self.restart_reason: str | None = None  # set when the agent must re-execute itself (a trial, a rollback)
-        if cfg.mqtt is not None and cfg.mqtt.tls is not None:
-            try:  # before anything logs: a TLS file that does not load is one line and exit 2
+        try:  # before anything logs: a directory or TLS file the agent cannot use is one line and exit 2
+            check_directories(cfg)
+            if cfg.mqtt is not None and cfg.mqtt.tls is not None:
                 tls_context(cfg.mqtt.tls)
-            except ConfigError as exc:
-                raise exc.in_source(cfg.source_file) from None
+        except ConfigError as exc:
+            raise exc.in_source(cfg.source_file) from None
         # The runtime before the outputs: a config whose models or banks do not load leaves no spool open.
-        self.live = LiveRuntime(build_runtime(cfg, None))
+        self.live = LiveRuntime(build_runtime(cfg, None, isolate=True))
         self.outputs = make_outputs(cfg, lambda kind, name, payload: self.requests.put(
             ControlRequest(kind, name, payload)))
         self.episodes = OpenEpisodes(cfg.state_dir)
@@ -96,6 +98,9 @@ class Agent:
         self.notifier.ready(f"monitoring {len(self.runtime.pipelines)} source(s)")
         log.info("started", node=self.cfg.node, sources=",".join(self.runtime.pipelines),
                  model=self.runtime.models.model_id, config_hash=self.cfg.config_hash)
+        for name, failed in self.runtime.failed.items():
+            log.error("source_failed", source=name, path=failed.error.path, error=failed.error.message,
+                      action="the other sources run; retried when its bank files change")
         watchdog = self.notifier.watchdog_seconds
         tick = min(1.0, watchdog / 3) if watchdog else 1.0
         # This thread only supervises: control requests run on the control thread, so a slow apply (a large
@@ -153,6 +158,8 @@ class Agent:
             return False
 
     def _finished(self) -> bool:
+        if self.runtime.failed:  # waiting for a failed source's bank to be fixed
+            return False
         sources = [p.source for p in self.runtime.pipelines.values()]
         return (all(s.finite and s.done for s in sources) and self.windows.empty() and not self.inference.busy
                 and self.windows.unfinished_tasks == 0)

@@ -19,15 +19,20 @@ RESOLVE_SECONDS = 5.0
 def check_restart_sections(new: AgentConfig, changed: list[str]) -> None:
     """Directories creatable and writable, TLS files loadable, the broker's host resolvable; ConfigError."""
     if {"state_dir", "spool", "mqtt", "output"} & set(changed):
-        for key, directory in (("state_dir", new.state_dir), ("spool.dir", new.spool_dir),
-                               ("output.jsonl", new.jsonl_path.parent)):
-            if (key == "spool.dir" and new.mqtt is None) or (key == "output.jsonl" and new.mqtt is not None):
-                continue
-            _writable(key, directory)
+        check_directories(new)
     if "mqtt" in changed and new.mqtt is not None:
         if new.mqtt.tls is not None:
             tls_context(new.mqtt.tls)
         _resolvable(new.mqtt.host)
+
+
+def check_directories(cfg: AgentConfig) -> None:
+    """The directories the agent writes (state, spool or JSONL output) can be created and take files."""
+    _writable("state_dir", cfg.state_dir)
+    if cfg.mqtt is not None:
+        _writable("spool.dir", cfg.spool_dir)
+    else:
+        _writable("output.jsonl", cfg.jsonl_path.parent)
 
 
 def _writable(key: str, directory: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,22 @@ class SourcePipeline:
         return self.cfg.scoring
 
 
+@dataclass(frozen=True)
+class FailedSource:
+    """A source of the config that does not run: its bank (or scoring against it) failed to load."""
+
+    cfg: SourceConfig
+    error: ConfigError
+    bank_stamp: tuple[int, int, int] | None  # the bank files as they were: a change is worth another try
+
+
 @dataclass
 class Runtime:
     cfg: AgentConfig
     models: ModelSet  # one encoder, or the members of an ensemble
     pipelines: dict[str, SourcePipeline]
     fresh_sources: list[AudioSource]  # built for this runtime, not yet started
+    failed: dict[str, FailedSource] = field(default_factory=dict)
 
 
 class LiveRuntime:
@@ -83,10 +93,16 @@ def build_models(cfg: AgentConfig, previous: Runtime | None) -> ModelSet:
         raise exc.in_source(cfg.source_file) from None
 
 
-def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
-    """Build every part of `cfg`, reusing unchanged parts of `previous`; raises, never half-builds."""
+def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = False) -> Runtime:
+    """Build every part of `cfg`, reusing unchanged parts of `previous`; raises, never half-builds.
+
+    isolate: a source whose bank does not load is set aside as failed while the others run (at a start, a
+    reload, a retry); without it (a pushed config) any failure refuses the whole config. Either way at
+    least one source must run.
+    """
     models = build_models(cfg, previous)
     pipelines: dict[str, SourcePipeline] = {}
+    failed: dict[str, FailedSource] = {}
     fresh: list[AudioSource] = []
     for i, src in enumerate(cfg.sources):
         at = f"sources[{i}]"
@@ -98,14 +114,26 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
         else:
             assert src.bank is not None  # parse_config requires it
             try:
-                banks = load_banks(src.bank, models.members)
-                scorer = Scorer.fit(banks.banks, src.scoring)
+                try:
+                    banks = load_banks(src.bank, models.members)
+                    scorer = Scorer.fit(banks.banks, src.scoring)
+                except ConfigError as exc:
+                    raise exc.under(at).in_source(cfg.source_file) from None
+                except EdgeAsdError as exc:
+                    raise ConfigError(f"{at}.bank", str(exc), source=cfg.source_file) from None
             except ConfigError as exc:
-                raise exc.under(at).in_source(cfg.source_file) from None
-            except EdgeAsdError as exc:
-                raise ConfigError(f"{at}.bank", str(exc), source=cfg.source_file) from None
+                if not isolate:
+                    raise
+                failed[src.name] = FailedSource(src, exc, stamp)
+                continue
             bank_id = banks.content_hash()[:12]
-        threshold, origin = _threshold(src, banks, at, cfg.source_file)
+        try:
+            threshold, origin = _threshold(src, banks, at, cfg.source_file)
+        except ConfigError as exc:
+            if not isolate:
+                raise
+            failed[src.name] = FailedSource(src, exc, stamp)
+            continue
         context = AlertContext(node=cfg.node, source=src.name, model=models.model_id, bank=bank_id,
                                threshold=threshold)
         same_rate = old is not None and old.source.model_rate == models.capture_rate
@@ -117,7 +145,14 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None) -> Runtime:
         tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
         pipelines[src.name] = SourcePipeline(src, source, banks, bank_id, scorer, threshold, origin, tracker,
                                              context, bank_stamp=stamp)
-    return Runtime(cfg, models, pipelines, fresh)
+    if not pipelines:  # nothing would be monitored: that is a config that cannot start
+        raise next(iter(failed.values())).error
+    return Runtime(cfg, models, pipelines, fresh, failed)
+
+
+def failed_sources_changed(runtime: Runtime) -> list[str]:
+    """The failed sources whose bank files changed since they failed (worth another try)."""
+    return [name for name, f in runtime.failed.items() if bank_stamp(f.cfg.bank) != f.bank_stamp]
 
 
 def bank_stamp(directory: Path | None) -> tuple[int, int, int] | None:

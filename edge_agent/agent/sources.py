@@ -12,13 +12,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from edge_agent.agent.config import SourceConfig
+from edge_agent.audio.quality import window_fault
 from edge_agent.audio.wavio import read_wav
 from edge_agent.audio.windowing import Window, Windower
 from edge_agent.errors import AudioError
@@ -33,18 +34,20 @@ WindowSink = Callable[[Window], bool]
 
 @dataclass
 class SourceHealth:
-    state: str = "starting"  # starting | running | lost | finished | stopped | failed
+    state: str = "starting"  # starting | running | degraded (broken audio) | lost | finished | stopped | failed
     detail: str = ""
     overflows: int = 0  # capture overruns (sounddevice status or ring buffer full)
     dropped_windows: int = 0  # windows the inference queue refused
     windows: int = 0
     reconnects: int = 0
     last_frame_time: float | None = None
+    # windows not scored, or files not played, per fault kind (audio/quality.py, and unreadable_file)
+    faults: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {"state": self.state, "detail": self.detail, "overflows": self.overflows,
                 "dropped_windows": self.dropped_windows, "windows": self.windows,
-                "reconnects": self.reconnects, "last_frame_time": self.last_frame_time}
+                "reconnects": self.reconnects, "last_frame_time": self.last_frame_time, "faults": dict(self.faults)}
 
 
 class RingBuffer:
@@ -109,6 +112,7 @@ class AudioSource:
         self._sink: WindowSink | None = None
         self._windower: Windower | None = None
         self._lock = threading.Lock()
+        self._fault_kind: str | None = None
 
     def start(self, sink: WindowSink) -> None:
         self._sink = sink
@@ -144,10 +148,29 @@ class AudioSource:
                 self.health.state = state
                 self.health.detail = detail
 
+    def _fault(self, kind: str, detail: str) -> None:
+        """Count a fault; its first window or file after a change of kind is logged and sets the health."""
+        self.health.faults[kind] = self.health.faults.get(kind, 0) + 1
+        if self._fault_kind != kind:
+            self._fault_kind = kind
+            log.warning("audio_fault", source=self.name, kind=kind, detail=detail)
+            self._set_state("degraded", f"{kind}: {detail}")
+
+    def _audio_ok(self) -> None:
+        if self._fault_kind is not None:
+            log.info("audio_ok", source=self.name, after=self._fault_kind)
+            self._fault_kind = None
+            self._set_state("running")
+
     def _emit(self, samples: np.ndarray, start_time: float, gap: bool = False) -> None:
         assert self._windower is not None and self._sink is not None
         self.health.last_frame_time = start_time + len(samples) / self._windower.sample_rate
         for window in self._windower.push(samples, start_time, gap):
+            fault = window_fault(window.samples, window.sample_rate, self.cfg.audio_checks)
+            if fault is not None:  # reported, never scored: broken input is not an anomaly of the machine
+                self._fault(fault.kind, fault.detail)
+                continue
+            self._audio_ok()
             if self.blocking:
                 while not self._sink(window):
                     if self._stop.wait(0.05):
@@ -168,6 +191,7 @@ class FileSource(AudioSource):
         super().__init__(cfg, model_rate)
         self.finite = not cfg.loop
         self._clock_end = 0.0
+        self._skipped: set[Path] = set()
 
     def files(self) -> list[Path]:
         assert self.cfg.path is not None
@@ -180,16 +204,28 @@ class FileSource(AudioSource):
 
     def _capture(self) -> None:
         self._set_state("running")
+        played = False
         while not self._stop.is_set():
             for path in self.files():
                 if self._stop.is_set():
                     return
-                self._play(path)
-            if not self.cfg.loop:
+                try:
+                    self._play(path)
+                    played = True
+                except AudioError as exc:
+                    if self.cfg.type == "file":
+                        raise  # the one file of the source: the source fails with the reason
+                    if path not in self._skipped:  # a folder goes on: the file is skipped and reported once
+                        self._skipped.add(path)
+                        self._fault("unreadable_file", str(exc))
+            if not self.cfg.loop or not played:
                 return
 
     def _play(self, path: Path) -> None:
-        audio, rate = read_wav(path, channel=self.cfg.channel)
+        audio, rate = read_wav(path, channel=self.cfg.channel, strict=True)
+        if len(audio) < round(self.cfg.window_seconds * rate):
+            raise AudioError(f"{path}: {len(audio) / rate:.3g} s of audio, shorter than one "
+                             f"{self.cfg.window_seconds:g} s window")
         if self._windower is None or self._windower.sample_rate != rate:
             self._windower = Windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds)
         block = max(1, round(self.cfg.block_seconds * rate))

@@ -24,7 +24,7 @@ def agent_state(runtime: Runtime, node: str, started_at: float, delivery: Delive
     degraded = False
     for p in runtime.pipelines.values():
         health = p.source.health.as_dict()
-        degraded |= health["state"] in ("lost", "failed")
+        degraded |= health["state"] in ("lost", "failed", "degraded")
         sources.append({
             "name": p.cfg.name, "type": p.cfg.type,
             "bank": {"id": p.bank_id, "path": str(p.cfg.bank), "created_at": p.bank.created_at,
@@ -33,6 +33,15 @@ def agent_state(runtime: Runtime, node: str, started_at: float, delivery: Delive
             "episode": p.tracker.episode.event_id if p.tracker.episode is not None else None,
             "enrolling": p.enroll is not None,
             "health": health,
+        })
+    for f in runtime.failed.values():  # configured, but its bank did not load: reported, retried on a change
+        degraded = True
+        sources.append({
+            "name": f.cfg.name, "type": f.cfg.type,
+            "bank": {"id": None, "path": str(f.cfg.bank), "created_at": None, "counts": {}},
+            "threshold": None, "threshold_origin": None, "episode": None, "enrolling": False,
+            "health": {"state": "failed", "detail": str(f.error), "overflows": 0, "dropped_windows": 0,
+                       "windows": 0, "reconnects": 0, "last_frame_time": None},
         })
     state: dict[str, Any] = {
         "schema_version": 1, "node": node, "status": status, "version": __version__,
@@ -90,7 +99,15 @@ def runtime_metrics(runtime: Runtime, delivery: DeliveryStats) -> Iterator[Metri
         dropped.add_metric([name], health.dropped_windows)
         up.add_metric([name], 1.0 if health.state == "running" else 0.0)
         episode.add_metric([name], 1.0 if p.tracker.episode is not None else 0.0)
-    yield from (threshold, overflows, dropped, up, episode)
+    for name in runtime.failed:
+        up.add_metric([name], 0.0)
+    faults = CounterMetricFamily("edge_agent_audio_faults_total",
+                                 "Windows not scored (or files not played) because the audio was broken, per kind",
+                                 labels=["source", "kind"])
+    for p in runtime.pipelines.values():
+        for kind, count in dict(p.source.health.faults).items():
+            faults.add_metric([p.cfg.name, kind], count)
+    yield from (threshold, overflows, dropped, up, episode, faults)
     if delivery.spool is not None:
         yield GaugeMetricFamily("edge_agent_spool_messages", "Messages waiting in the on-disk spool",
                                 value=delivery.spool.pending)

@@ -133,7 +133,7 @@ class HealthCheck:
 
     def problems(self) -> list[str]:
         """What is not healthy yet (empty: healthy)."""
-        found = []
+        found = [f"source {name} failed to load: {f.error}" for name, f in self.runtime.failed.items()]
         for name, p in self.runtime.pipelines.items():
             health = p.source.health
             if health.state in ("failed", "lost"):

@@ -15,7 +15,12 @@ import numpy as np
 
 from edge_agent.errors import AudioError
 from edge_agent.fsutil import atomic_write
+from edge_agent.logs import get_logger
 
+log = get_logger(__name__)
+
+MIN_RATE, MAX_RATE = 100, 384_000  # beyond what any recorder writes
+MAX_CHANNELS = 64
 _PCM = 0x0001
 _FLOAT = 0x0003
 _EXTENSIBLE = 0xFFFE
@@ -28,10 +33,19 @@ def read_wav_info(path: Path) -> tuple[int, int, int, int]:
     return rate, channels, bits, data_size // (channels * bits // 8)
 
 
-def read_wav(path: Path, channel: int | None = None) -> tuple[np.ndarray, int]:
-    """Samples as float32 in [-1, 1] (mono: channels averaged, or the one `channel`) and the rate."""
+def read_wav(path: Path, channel: int | None = None, strict: bool = False) -> tuple[np.ndarray, int]:
+    """Samples as float32 in [-1, 1] (mono: channels averaged, or the one `channel`) and the rate.
+
+    A file shorter than its header says is read as far as it goes with a warning, or refused when `strict`
+    (the agent's file sources: a truncated recording is a fault to report, not audio to score).
+    """
     path = Path(path)
-    fmt, data, _ = _parse(path, read_data=True)
+    fmt, data, declared = _parse(path, read_data=True)
+    if len(data) < declared:
+        message = f"truncated: the header promises {declared} bytes of audio, the file holds {len(data)}"
+        if strict:
+            raise AudioError(f"{path}: {message}")
+        log.warning("wav_truncated", path=path, declared_bytes=declared, bytes=len(data))
     rate, channels, bits, code = fmt
     frame_bytes = channels * bits // 8
     usable = len(data) - len(data) % frame_bytes
@@ -89,12 +103,13 @@ def _parse_chunks(fh: BinaryIO, path: Path, read_data: bool) -> tuple[tuple[int,
         elif cid == b"data":
             if fmt is None:
                 raise AudioError(f"{path}: data chunk before fmt chunk")
+            streaming = size in (0, 0xFFFFFFFF)  # a recorder that never went back to write the size
             if not read_data:
                 return fmt, b"", size
-            data = fh.read(size)  # a truncated file yields what is there
+            data = fh.read() if streaming else fh.read(size)
             if not data:
                 raise AudioError(f"{path}: empty data chunk")
-            return fmt, data, size
+            return fmt, data, len(data) if streaming else size
         else:
             fh.seek(size + size % 2, os.SEEK_CUR)
 
@@ -109,8 +124,10 @@ def _parse_fmt(body: bytes, path: Path) -> tuple[int, int, int, int]:
         code = struct.unpack("<H", body[24:26])[0]
     if code not in (_PCM, _FLOAT):
         raise AudioError(f"{path}: unsupported WAV format code {code:#x} (PCM or IEEE float only)")
-    if channels < 1 or rate < 1:
-        raise AudioError(f"{path}: invalid header (channels={channels}, rate={rate})")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"{path}: impossible header: {channels} channels (1 to {MAX_CHANNELS})")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{path}: impossible header: a sample rate of {rate} Hz ({MIN_RATE} to {MAX_RATE})")
     if (code == _PCM and bits not in (8, 16, 24, 32)) or (code == _FLOAT and bits not in (32, 64)):
         raise AudioError(f"{path}: unsupported sample width {bits} bits")
     return rate, channels, bits, code

@@ -5,19 +5,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+
+from edge_agent.agent.config import parse_config
+from edge_agent.agent.daemon import Agent
+from edge_agent.audio.resample import resample
+from edge_agent.audio.wavio import write_wav
 
 from .agent_helpers import (
     BASE,
+    RATE,
+    REPO,
     Mosquitto,
     Watcher,
+    agent_command,
     alerts,
+    build_bank,
+    noise,
     start_agent,
     stop_agent,
     wait_for_log,
@@ -172,3 +186,140 @@ def test_a_full_disk_holds_alerts_in_memory_and_loses_none(tmp_path: Path, toy_m
     assert census["without_end"] == 0 and census["seq_gaps"] == 0
     assert failures == 1, "one log line per burst of failures"
     assert "event=spool_dropped" not in text
+
+
+def _raw_wav(path: Path, payload: bytes, rate: int, channels: int = 1, bits: int = 16, code: int = 1,
+             declared: int | None = None) -> Path:
+    """A WAV file with the header given (it may lie about the rate, the channels or the length)."""
+    block = channels * bits // 8
+    size = len(payload) if declared is None else declared
+    header = b"RIFF" + struct.pack("<I", 36 + size) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, code, channels, rate, rate * block, block, bits)
+    path.write_bytes(header + b"data" + struct.pack("<I", size) + payload)
+    return path
+
+
+def test_broken_audio_is_reported_never_scored_and_a_folder_goes_on(tmp_path: Path, toy_model: Path,
+                                                                   bank_dir: Path) -> None:
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    good = noise(3, 0.05, seed=5)
+    bad_floats = {"a_nan": np.where(np.arange(good.size) % 97 == 0, np.nan, good),
+                  "b_huge": good * 1e30}
+    for name, audio in bad_floats.items():
+        _raw_wav(folder / f"{name}.wav", audio.astype("<f4").tobytes(), RATE, bits=32, code=3)
+    write_wav(folder / "c_silence.wav", np.zeros(3 * RATE, np.float32), RATE)
+    write_wav(folder / "d_flat_line.wav", np.full(3 * RATE, 0.25, np.float32), RATE)
+    write_wav(folder / "e_clipped.wav", np.sign(good) * 1.0, RATE)
+    # 8 kHz content in a 16 kHz file: the stream claims a band the recording never had
+    write_wav(folder / "f_narrowband.wav", resample(noise(3, 0.05, seed=6), RATE, 2 * RATE), 2 * RATE)
+    pcm = (good * 32767).astype("<i2").tobytes()
+    _raw_wav(folder / "g_rate_1hz.wav", pcm, 1)
+    _raw_wav(folder / "h_65535_channels.wav", pcm, RATE, channels=65535, bits=8)
+    _raw_wav(folder / "i_truncated.wav", pcm, RATE, declared=len(pcm) * 4)
+    write_wav(folder / "j_too_short.wav", good[: RATE // 2], RATE)
+    write_wav(folder / "z_normal.wav", good, RATE)  # played last: the folder must get here
+    cfg = parse_config(f"""
+node: faults
+model: {{path: {toy_model}}}
+sources:
+  - {{name: fan, type: folder, path: {folder}, realtime: false, bank: {bank_dir}, window_seconds: 1,
+      hop_seconds: 1, publish_scores: true}}
+output: {{jsonl: alerts.jsonl, stdout: false}}
+metrics: {{enabled: false}}
+""", source="test", base_dir=tmp_path)
+    agent = Agent(cfg, None)
+    scores: list[dict[str, Any]] = []
+    publish = agent.outputs.publish_score
+    agent.outputs.publish_score = lambda source, payload: (scores.append(payload), publish(source, payload))[1]  # type: ignore[method-assign]
+    assert agent.run() == 0
+    faults = agent.runtime.pipelines["fan"].source.health.faults
+    windows = {"nonfinite": 3, "out_of_range": 3, "silence": 6, "clipping": 3, "narrowband": 3, "unreadable_file": 4}
+    print(f"\nbroken audio: faults {faults}, scores {len(scores)}, alerts "
+          f"{len((tmp_path / 'alerts.jsonl').read_text().splitlines())}")
+    assert faults == windows, faults
+    assert len(scores) == 3 and all(s["score"] is not None and not s["over"] for s in scores), scores
+    assert (tmp_path / "alerts.jsonl").read_text() == "", "broken audio raised an alert"
+
+
+def test_a_source_whose_bank_does_not_load_fails_alone_and_recovers(tmp_path: Path, toy_model: Path,
+                                                                   bank_dir: Path) -> None:
+    write_anomaly_wav(tmp_path / "a.wav", 10, (20, 20))
+    broken = tmp_path / "broken_bank"
+    broken.mkdir()
+    (broken / "bank.json").write_text("{not json")
+    cfg = parse_config(f"""
+node: isolation
+model: {{path: {toy_model}}}
+sources:
+  - {{name: good, type: file, path: a.wav, realtime: true, speed: 10, loop: true, bank: {bank_dir},
+      window_seconds: 1, hop_seconds: 1}}
+  - {{name: bad, type: file, path: a.wav, realtime: true, speed: 10, loop: true, bank: {broken},
+      window_seconds: 1, hop_seconds: 1}}
+output: {{jsonl: alerts.jsonl, stdout: false}}
+metrics: {{enabled: false}}
+""", source="test", base_dir=tmp_path)
+    agent = Agent(cfg, None)  # starts: one source is enough to monitor
+    assert list(agent.runtime.pipelines) == ["good"] and "bank.json" in str(agent.runtime.failed["bad"].error)
+    state = agent.state()
+    assert state["health"] == "degraded"
+    assert [s["health"]["state"] for s in state["sources"]] == ["running", "failed"] or \
+        [s["health"]["state"] for s in state["sources"]] == ["starting", "failed"]
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while agent.runtime.pipelines["good"].source.health.windows < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.runtime.pipelines["good"].source.health.windows >= 3, "the healthy source must run"
+        shutil.rmtree(broken)
+        build_bank(toy_model, broken)  # fixed on disk: the agent notices and starts the source
+        while "bad" not in agent.runtime.pipelines and time.monotonic() < deadline + 20:
+            time.sleep(0.05)
+        assert "bad" in agent.runtime.pipelines and not agent.runtime.failed
+        while agent.runtime.pipelines["bad"].source.health.windows < 2 and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        assert agent.runtime.pipelines["bad"].source.health.windows >= 2
+    finally:
+        agent.request_stop("test")
+        thread.join(30)
+
+
+@pytest.mark.parametrize("fault", ["read_only_state_dir", "corrupt_model", "corrupt_only_bank"])
+def test_start_up_faults_are_one_line_and_exit_2(tmp_path: Path, toy_model: Path, bank_dir: Path,
+                                                fault: str) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 4, (1, 2))
+    model, bank, state = toy_model, bank_dir, tmp_path / "state"
+    if fault == "read_only_state_dir":
+        if os.geteuid() != 0:
+            pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
+        state.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)], check=True, timeout=30)
+    elif fault == "corrupt_model":
+        model = tmp_path / "model.onnx"
+        model.write_bytes(toy_model.read_bytes()[:200])
+    else:
+        bank = tmp_path / "bank_copy"
+        shutil.copytree(bank_dir, bank)
+        (bank / "layer_1" / "source.npy").write_bytes(b"garbage")
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"""
+node: n
+state_dir: {state}
+model: {{path: {model}}}
+sources:
+  - {{name: fan, type: file, path: {wav}, realtime: false, bank: {bank}, window_seconds: 1, hop_seconds: 1}}
+metrics: {{enabled: false}}
+""")
+    try:
+        result = subprocess.run(agent_command(cfg), capture_output=True, text=True, timeout=60, cwd=REPO)
+    finally:
+        if fault == "read_only_state_dir":
+            subprocess.run(["umount", "-l", str(state)], check=False, timeout=30)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("edge-agent: error:")]
+    assert result.returncode == 2, result.stderr
+    # the error is one line, the last (info lines of what did load may come before it), never a traceback
+    assert "Traceback" not in result.stderr and len(errors) == 1 and lines[-1] == errors[0], lines
+    expected = {"read_only_state_dir": "state_dir", "corrupt_model": "model.path", "corrupt_only_bank": "source.npy"}
+    assert expected[fault] in errors[0], errors

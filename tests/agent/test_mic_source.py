@@ -23,6 +23,7 @@ from edge_agent.agent.config import SourceConfig, parse_config
 from edge_agent.agent.daemon import Agent
 from edge_agent.agent.sdnotify import SystemdNotifier
 from edge_agent.agent.sources import MicSource
+from edge_agent.audio.quality import AudioChecks
 from edge_agent.audio.resample import resample
 from edge_agent.audio.windowing import Window
 
@@ -109,7 +110,9 @@ def _wait(predicate, timeout: float = 20.0, what: str = "") -> None:  # type: ig
 def _mic_cfg(**changes: object) -> SourceConfig:
     base = dict(name="mic", type="mic", device="USB Mic", sample_rate=16000, channels=2, channel=1,
                 window_seconds=0.5, hop_seconds=0.25, block_seconds=0.05, stall_seconds=0.4,
-                retry_initial_seconds=0.05, retry_max_seconds=0.2, bank=Path("unused"))
+                retry_initial_seconds=0.05, retry_max_seconds=0.2, bank=Path("unused"),
+                # constants and ramps test the device mechanics: the broken-audio checks are off
+                audio_checks=AudioChecks(rms_floor=0.0, band_drop_db=0.0))
     base.update(changes)
     return SourceConfig(**base)  # type: ignore[arg-type]
 
@@ -197,6 +200,7 @@ sources:
     retry_max_seconds: 0.1
     bank: {bank_dir}
     hysteresis: {{raise_after: 2, clear_after: 2}}
+    audio_checks: {{band_drop_db: 0}}  # 8 kHz noise in a 16 kHz stream, on purpose (the bank's band)
 output: {{stdout: false}}
 metrics: {{port: 0}}
 """, source="test")

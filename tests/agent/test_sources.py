@@ -12,13 +12,15 @@ import pytest
 
 from edge_agent.agent.config import SourceConfig
 from edge_agent.agent.sources import FileSource, RingBuffer, StdinSource, make_source
+from edge_agent.audio.quality import AudioChecks
 from edge_agent.audio.wavio import write_wav
 from edge_agent.audio.windowing import Window, Windower
 
 
 def _cfg(**changes: object) -> SourceConfig:
+    # The signals here (ramps, constants, zeros) test windowing and pacing: the broken-audio checks are off.
     base = dict(name="s", type="file", window_seconds=1.0, hop_seconds=0.5, block_seconds=0.1,
-                realtime=False, bank=Path("unused"))
+                realtime=False, bank=Path("unused"), audio_checks=AudioChecks(rms_floor=0.0, band_drop_db=0.0))
     base.update(changes)
     return SourceConfig(**base)  # type: ignore[arg-type]
 
