@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--speed", type=float, default=100.0, help="replay speed (audio seconds per second)")
     parser.add_argument("--every", type=float, default=30.0, help="seconds between churn events")
     parser.add_argument("--model", default="mn04")
+    parser.add_argument("--agent", type=Path, default=EDGE_AGENT,
+                        help="the edge-agent command to soak (another revision's, to compare)")
     parser.add_argument("--json-dir", type=Path, default=None)
     args = parser.parse_args()
     info = benchlib.machine()
@@ -160,7 +162,7 @@ def main() -> None:
         config.write_text(text)
         counter = Counter(port)
         log = open(tmp / "agent.log", "wb")  # noqa: SIM115 - closed below
-        agent = subprocess.Popen([str(EDGE_AGENT), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+        agent = subprocess.Popen([str(args.agent), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                                  stderr=log)
         samples: list[dict[str, float]] = []
         events: list[tuple[float, str]] = []
@@ -199,7 +201,8 @@ def main() -> None:
         audio_hours = (t[-1] * args.speed) / 3600
         answered = sorted({r["request_id"] for r in counter.results if r.get("request_id")})
         result = {
-            "machine": info, "minutes": args.minutes, "speed": args.speed, "model": args.model,
+            "machine": info, "agent": str(args.agent),
+            "minutes": args.minutes, "speed": args.speed, "model": args.model,
             "audio_hours": audio_hours, "exit_code": code, "events": events, "pushes": pushes,
             "pushes_answered": len(answered), "received": counter.counts,
             "rss_mb": {"first": float(rss[0]), "peak": float(rss.max()), "last": float(rss[-1]),
