@@ -71,6 +71,27 @@ def test_truncated_data_reads_what_is_there(tmp_path: Path) -> None:
     assert audio.shape == (749,)
 
 
+
+def test_truncated_data_is_refused_when_strict(tmp_path: Path) -> None:
+    write_wav(tmp_path / "a.wav", np.zeros(1000, np.float32), 16000)
+    (tmp_path / "t.wav").write_bytes((tmp_path / "a.wav").read_bytes()[:-500])
+    with pytest.raises(AudioError, match="truncated: the header promises") as info:
+        read_wav(tmp_path / "t.wav", strict=True)
+    assert str(tmp_path / "t.wav") in str(info.value)
+
+
+@pytest.mark.parametrize(("channels", "rate", "bits", "message"), [
+    (1, 1, 16, "sample rate of 1 Hz"), (1, 2_000_000_000, 16, "sample rate of 2000000000 Hz"),
+    (65535, 16000, 8, "65535 channels"), (0, 16000, 16, "0 channels"),
+])
+def test_impossible_headers_are_refused_naming_the_file(tmp_path: Path, channels: int, rate: int, bits: int,
+                                                        message: str) -> None:
+    path = tmp_path / "bad.wav"
+    _raw_wav(path, bytes(4000), 1, channels, rate, bits)
+    with pytest.raises(AudioError, match=message) as info:
+        read_wav(path)
+    assert str(path) in str(info.value)
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [(b"", "not a RIFF/WAVE"), (b"RIFF\x00\x00\x00\x00WAVE", "no fmt chunk"), (b"hello world!!", "not a RIFF")],
