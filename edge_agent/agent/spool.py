@@ -78,6 +78,7 @@ class Spool:
         self._acked_lines = 0
         self._next_seq = 1
         self._drops = _DropCount(self.dir / DROPS)
+        self._burst_drops = 0
         self._load()
         self._messages = os.open(self.dir / MESSAGES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = os.fstat(self._messages).st_size
@@ -119,9 +120,14 @@ class Spool:
     def ack(self, seq: int) -> None:
         """The broker has the message (PUBACK for QoS 1, written to the socket for QoS 0)."""
         with self._lock:
+            if self._remove(seq):
+                self._end_drop_burst()
+
+    def _remove(self, seq: int) -> bool:
+        with self._lock:
             record = self._pending.pop(seq, None)
             if record is None:
-                return
+                return False
             self._bytes -= record.size
             # No fsync: a lost ack line only means one duplicate delivery after a crash (at-least-once),
             # and skipping it keeps a long replay from costing one disk flush per message.
@@ -130,13 +136,14 @@ class Spool:
                 self._acks.flush()
             except OSError as exc:  # a full disk: the message may be delivered once more after a restart
                 log.warning("spool_ack_not_written", seq=seq, error=exc)
-                return
+                return True
             self._acked_lines += 1
             if self._acked_lines >= COMPACT_AFTER:
                 try:
                     self._compact()
                 except OSError as exc:  # tried again at the next ack
                     log.warning("spool_compaction_failed", error=exc)
+            return True
 
     def acknowledge_drops(self) -> int:
         """An operator has seen the drops: health no longer reports them. Returns how many there were."""
@@ -242,10 +249,19 @@ class Spool:
     def _enforce_bounds(self) -> None:
         while len(self._pending) > 1 and (len(self._pending) > self.max_messages or self._bytes > self.max_bytes):
             seq, oldest = next(iter(self._pending.items()))
-            self.ack(seq)
+            self._remove(seq)
             self._drops.add(1)
-            log.warning("spool_full", action="dropped_oldest", seq=seq, topic=oldest.topic,
-                        dropped_total=self._drops.total, max_messages=self.max_messages, max_bytes=self.max_bytes)
+            self._burst_drops += 1
+            if self._burst_drops == 1:  # one line per burst: a long outage drops one message per new one
+                log.warning("spool_full", action="dropped_oldest", seq=seq, topic=oldest.topic,
+                            dropped_total=self._drops.total, max_messages=self.max_messages,
+                            max_bytes=self.max_bytes)
+
+    def _end_drop_burst(self) -> None:
+        """A delivery made room: the burst of drops (if any) is over."""
+        if self._burst_drops:
+            log.warning("spool_drops_ended", dropped=self._burst_drops, dropped_total=self._drops.total)
+            self._burst_drops = 0
 
     def _load(self) -> None:
         acked: set[int] = set()

@@ -4,6 +4,7 @@ every fault must leave behind: nothing lost, nothing out of order, every episode
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import struct
@@ -186,6 +187,56 @@ def test_a_full_disk_holds_alerts_in_memory_and_loses_none(tmp_path: Path, toy_m
     assert census["without_end"] == 0 and census["seq_gaps"] == 0
     assert failures == 1, "one log line per burst of failures"
     assert "event=spool_dropped" not in text
+
+
+def test_a_full_spool_counts_every_drop_across_restarts_until_acknowledged(tmp_path: Path, toy_model: Path,
+                                                                         bank_dir: Path, broker: Mosquitto,
+                                                                         validators: dict) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (3, 8))
+    cfg = write_config(tmp_path, toy_model, bank_dir, broker.port, wav, realtime=True, loop=True, speed=10,
+                       extra="spool: {max_messages: 4}")
+    log = tmp_path / "agent.log"
+    watcher = Watcher(broker.port, f"{BASE}/#", durable=True)
+    proc = start_agent(cfg, log)
+    try:
+        wait_for_log(log, lambda text: "event=mqtt_connected" in text, what="the agent connected")
+        broker.stop()
+        wait_for_log(log, lambda text: "event=spool_full" in text, what="the spool bound reached")
+        time.sleep(1)  # a few more drops in the same burst
+        assert stop_agent(proc, log) == 0, log.read_text()[-3000:]
+        broker.start()
+        proc = start_agent(cfg, log)  # the count survives the restart and keeps the health degraded
+
+        def degraded(m: list) -> bool:
+            states = watcher.on(f"{BASE}/state")
+            return bool(states) and states[-1].get("health") == "degraded" and \
+                states[-1]["spool"]["unacknowledged_drops"] > 0 and "dropped" in states[-1].get("delivery_problem", "")
+        watcher.wait_for(degraded, what="health degraded by the drops after the restart")
+        dropped = watcher.on(f"{BASE}/state")[-1]["spool"]["dropped"]
+        watcher.publish(f"{BASE}/cmd/acknowledge", json.dumps({"id": "ack-1", "what": "drops"}))
+        watcher.wait_for(lambda m: any(r.get("request_id") == "ack-1" for r in watcher.on(f"{BASE}/cmd/result")),
+                         what="the acknowledgement answered")
+        watcher.wait_for(lambda m: watcher.on(f"{BASE}/state")[-1].get("health") == "ok", what="health ok again")
+        assert watcher.on(f"{BASE}/state")[-1]["spool"]["dropped"] >= dropped, "the total stays counted"
+        assert stop_agent(proc, log) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        watcher.close()
+    text = log.read_text()
+    answer = next(r for r in watcher.on(f"{BASE}/cmd/result") if r.get("request_id") == "ack-1")
+    sent = {(line.split("event_id=")[1].split()[0], line.split("type=")[1].split()[0])
+            for line in text.splitlines() if "event=alert " in line}
+    received = alerts(watcher)
+    for e in received:
+        validators["alert"].validate(e)
+    lost = sent - {(e["event_id"], e["type"]) for e in received}
+    bursts = text.count("event=spool_full")
+    print(f"\nspool bound: {len(sent)} alert events sent, {len(lost)} lost, {dropped} counted as dropped, "
+          f"{bursts} spool_full line(s), acknowledged {answer['result']}, {episode_census(received)}")
+    assert 0 < len(lost) <= dropped, "every lost alert is counted"
+    assert answer["result"]["acknowledged_drops"] == dropped
+    assert bursts == 1, "one line per burst of drops"
 
 
 def _raw_wav(path: Path, payload: bytes, rate: int, channels: int = 1, bits: int = 16, code: int = 1,
