@@ -273,3 +273,25 @@ def make_pki(d: Path, names: str = "DNS:localhost,IP:127.0.0.1") -> None:
     (d / "san.ext").write_text(f"subjectAltName={names}\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+
+
+def check_episodes_complete_and_ordered(events: list[dict[str, Any]]) -> list[str]:
+    """De-duplicated by (event_id, seq): every episode is new, update..., end with no seq gap, in order."""
+    seen: dict[tuple[str, int], dict[str, Any]] = {}
+    order: list[tuple[str, int]] = []
+    for e in events:
+        key = (e["event_id"], e["seq"])
+        if key not in seen:
+            seen[key] = e
+            order.append(key)
+    episodes: dict[str, list[dict[str, Any]]] = {}
+    for key in order:
+        episodes.setdefault(key[0], []).append(seen[key])
+    for event_id, evs in episodes.items():
+        seqs = [e["seq"] for e in evs]
+        assert seqs == list(range(len(evs))), f"episode {event_id}: seqs {seqs} out of order or with gaps"
+        assert evs[0]["type"] == "new" and evs[-1]["type"] == "end", f"episode {event_id} incomplete: {seqs}"
+        assert all(e["type"] == "update" for e in evs[1:-1])
+    starts = [episodes[eid][0]["start"] for eid in dict.fromkeys(k[0] for k in order)]
+    assert starts == sorted(starts), f"episodes delivered out of order: {starts}"
+    return list(episodes)

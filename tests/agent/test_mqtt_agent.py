@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from .agent_helpers import (
     BASE,
     Mosquitto,
     Watcher,
     alerts,
+    check_episodes_complete_and_ordered,
     start_agent,
     stop_agent,
     wait_for_log,
@@ -23,28 +23,6 @@ def _alerts_after(log_text: str, marker: str) -> int:
     lines = log_text.splitlines()
     last = max((i for i, line in enumerate(lines) if marker in line), default=None)
     return 0 if last is None else sum("event=alert " in line for line in lines[last + 1:])
-
-
-def check_episodes_complete_and_ordered(events: list[dict[str, Any]]) -> list[str]:
-    """De-duplicated by (event_id, seq): every episode is new, update..., end with no seq gap, in order."""
-    seen: dict[tuple[str, int], dict[str, Any]] = {}
-    order: list[tuple[str, int]] = []
-    for e in events:
-        key = (e["event_id"], e["seq"])
-        if key not in seen:
-            seen[key] = e
-            order.append(key)
-    episodes: dict[str, list[dict[str, Any]]] = {}
-    for key in order:
-        episodes.setdefault(key[0], []).append(seen[key])
-    for event_id, evs in episodes.items():
-        seqs = [e["seq"] for e in evs]
-        assert seqs == list(range(len(evs))), f"episode {event_id}: seqs {seqs} out of order or with gaps"
-        assert evs[0]["type"] == "new" and evs[-1]["type"] == "end", f"episode {event_id} incomplete: {seqs}"
-        assert all(e["type"] == "update" for e in evs[1:-1])
-    starts = [episodes[eid][0]["start"] for eid in dict.fromkeys(k[0] for k in order)]
-    assert starts == sorted(starts), f"episodes delivered out of order: {starts}"
-    return list(episodes)
 
 
 def test_file_source_alert_episode_on_broker_matches_schemas(tmp_path: Path, toy_model: Path, bank_dir: Path,
