@@ -8,6 +8,7 @@ and are documented in docs/agent.md.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -175,6 +176,20 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """Fleet membership and what the node accepts from desired documents (docs/fleet.md). Only the local
+    config file sets this section."""
+
+    groups: list[str] = field(default_factory=list)  # <prefix>/group/<group>/... topics this node follows
+    # base64 raw ed25519 public keys; when given, desired documents must be signed by one of them
+    trusted_keys: list[str] = field(default_factory=list)
+    max_artifact_bytes: int = field(default=2_000_000_000, metadata=_limits(lo=1024, hi=1 << 40))
+    download_timeout_seconds: float = field(default=3600.0, metadata=_limits(lo=1.0, hi=86400.0))
+    min_free_bytes: int = field(default=100_000_000, metadata=_limits(lo=0, hi=1 << 40))
+    ca_file: Path | None = None  # extra CA bundle for https artifact URLs
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     node: str = field(metadata=_limits(pattern=NAME_PATTERN))
     sources: list[SourceConfig] = field()
@@ -187,6 +202,7 @@ class AgentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     # windows waiting for inference before capture drops
     queue_windows: int = field(default=32, metadata=_limits(lo=1, hi=10000))
     # filled in by load, not by the YAML:
@@ -429,7 +445,14 @@ def _check_range(meta: typing.Mapping[str, Any], value: Any, path: str, ctx: _Ct
         raise ctx.error(path, f"must match {pattern.pattern}", value)
 
 
+MAX_GROUPS = 16
+RESERVED_NODE_NAMES = ("group",)  # <prefix>/group/... carries group documents
+
+
 def _check_semantics(cfg: AgentConfig, ctx: _Ctx) -> None:
+    if cfg.node in RESERVED_NODE_NAMES:
+        raise ctx.error("node", "is reserved for group topics (<prefix>/group/...); choose another name", cfg.node)
+    _check_fleet(cfg.fleet, ctx)
     if not cfg.sources:
         raise ctx.error("sources", "needs at least one source", [])
     if len(cfg.sources) > MAX_SOURCES:
@@ -496,6 +519,59 @@ def _check_semantics(cfg: AgentConfig, ctx: _Ctx) -> None:
                     raise ctx.error(f"mqtt.tls.{key}", "is not a readable file", str(p))
             if (tls.cert_file is None) != (tls.key_file is None):
                 raise ctx.error("mqtt.tls.key_file", "cert_file and key_file go together")
+
+
+def _check_fleet(fleet: FleetConfig, ctx: _Ctx) -> None:
+    if len(fleet.groups) > MAX_GROUPS:
+        raise ctx.error("fleet.groups", f"at most {MAX_GROUPS} groups", len(fleet.groups))
+    for i, group in enumerate(fleet.groups):
+        if not NAME_PATTERN.match(group):
+            raise ctx.error(f"fleet.groups[{i}]", f"must match {NAME_PATTERN.pattern}", group)
+        if group in fleet.groups[:i]:
+            raise ctx.error(f"fleet.groups[{i}]", "is listed twice", group)
+    for i, key in enumerate(fleet.trusted_keys):
+        try:
+            raw = base64.b64decode(key, validate=True)
+        except (ValueError, TypeError):
+            raw = b""
+        if len(raw) != 32:
+            raise ctx.error(f"fleet.trusted_keys[{i}]", "must be a base64 raw ed25519 public key (32 bytes), as "
+                            "`edge-agent fleet keygen` prints it", key)
+    if fleet.ca_file is not None and not fleet.ca_file.is_file():
+        raise ctx.error("fleet.ca_file", "is not a readable file", str(fleet.ca_file))
+
+
+def build_mqtt(raw: object, source: str, base_dir: Path, env: typing.Mapping[str, str] | None = None
+               ) -> tuple[MqttConfig, str | None]:
+    """An `mqtt` section on its own (for clients of the same broker, such as `edge-agent fleet`): the section
+    validated like the agent's, and its password resolved."""
+    ctx = _Ctx(source=source, base_dir=base_dir)
+    mqtt = _build(MqttConfig, raw, "mqtt", ctx)
+    holder = AgentConfig(node="client", sources=[], mqtt=mqtt, source_file=source)
+    given = [k for k in ("password", "password_file", "password_env") if getattr(mqtt, k)]
+    if len(given) > 1:
+        raise ctx.error(f"mqtt.{given[1]}", f"conflicts with mqtt.{given[0]}; give one")
+    if mqtt.tls is not None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            p = getattr(mqtt.tls, key)
+            if p is not None and not p.is_file():
+                raise ctx.error(f"mqtt.tls.{key}", "is not a readable file", str(p))
+    return mqtt, _resolve_password(holder, ctx, os.environ if env is None else env)
+
+
+def check_fields(cls: type, raw: object, path: str, source: str = "<document>") -> None:
+    """Validate the keys given in `raw` against `cls` (types, ranges, unknown keys) without requiring the
+    others: for partial documents such as a desired overlay's per-source entries."""
+    ctx = _Ctx(source=source, base_dir=Path.cwd())
+    if not isinstance(raw, dict):
+        raise ctx.error(path, f"must be a mapping of {cls.__name__} keys", raw)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _DERIVED}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ctx.error(_join(path, str(key)), f"unknown key; allowed: {', '.join(sorted(fields))}")
+        converted = _convert(hints[key], value, _join(path, key), ctx)
+        _check_range(fields[key].metadata, converted, _join(path, key), ctx)
 
 
 def _resolve_password(cfg: AgentConfig, ctx: _Ctx, env: typing.Mapping[str, str]) -> str | None:

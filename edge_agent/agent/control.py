@@ -24,11 +24,19 @@ from edge_agent.agent.config import (
     AgentConfig,
     ControlConfig,
     build_config,
-    load_config,
+    default_config_text,
     with_secrets,
 )
+from edge_agent.agent.desired import (
+    DesiredDocument,
+    apply_overlay,
+    artifact_versions,
+    parse_document,
+    rank,
+    with_overlay,
+)
 from edge_agent.agent.enroll_job import EnrollJob, build_target_bank
-from edge_agent.agent.inbound import InputLimits, load_json, load_yaml
+from edge_agent.agent.inbound import LOCAL_FILE, InputLimits, load_json, load_yaml
 from edge_agent.agent.inference import publish_alert
 from edge_agent.agent.metrics import AgentMetrics
 from edge_agent.agent.open_episodes import OpenEpisodes
@@ -36,6 +44,7 @@ from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import command_result, config_result
 from edge_agent.agent.preflight import check_restart_sections
 from edge_agent.agent.push import check_push
+from edge_agent.agent.rollout import Rollout
 from edge_agent.agent.runtime import (
     LiveRuntime,
     Runtime,
@@ -85,16 +94,20 @@ class Startup:
     rollback: Rollback | None = None
     problem: str | None = None  # why the config file was not used
     changed: list[str] = field(default_factory=list)  # the sections a restart trial changed
+    desired_problem: str | None = None  # why the applied desired document could not start (runs without it)
 
 
 @dataclass
 class _Trial:
     request_id: str | None
-    text: str
+    text: str  # config/set: the config text that becomes the config file at commit
     cfg: AgentConfig
     previous: AgentConfig | None  # None: a trial since the start (going back means restarting)
     check: HealthCheck
     changed: list[str]
+    desired: DesiredDocument | None = None  # a desired document on trial (its overlay is committed, not `text`)
+    paths: dict[str, Path] = field(default_factory=dict)  # its artifacts in the store
+    ignored: list[str] = field(default_factory=list)  # its source names the node does not have
 
 
 class ControlPlane:
@@ -123,6 +136,8 @@ class ControlPlane:
         self._state_sig: str | None = None
         self._state_sent = 0.0
         self._state_lock = threading.Lock()  # the main thread refreshes the state, this thread publishes changes
+        self.rollout = Rollout(cfg, on_change=lambda: self.requests.put(ControlRequest("rollout")))
+        self._refused_desired: set[tuple[str, int]] = set()  # (origin, hash of payload): answered once
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
 
     def start(self) -> None:
@@ -147,6 +162,8 @@ class ControlPlane:
     def _begin(self) -> None:
         """After a start: answer the push a failed trial rolled back, or put the trial this start runs on trial."""
         startup = self.startup
+        if startup.desired_problem is not None:
+            self.rollout.state.start_failed(startup.desired_problem)
         if startup.rollback is not None:
             self._answer_rollback(startup.rollback)
             if self.files is not None:
@@ -173,13 +190,17 @@ class ControlPlane:
                 ok, error = self._reload_file()
                 if not ok:
                     log.error("reload_refused", error=error)
+            elif request.kind == "desired":
+                self._desired(request.name, request.payload)
+            elif request.kind == "rollout":
+                self._rollout_progress()
             elif request.kind == "state":
                 self.publish_state(force=True)
             self._tick_trial()
         except Exception as exc:  # a bug, not a bad message: answer, log the traceback, keep running
             log.exception("control_failed", kind=request.kind, name=request.name)
             detail = f"internal error ({type(exc).__name__}); the agent keeps its running config"
-            if request.kind == "config":
+            if request.kind in ("config", "desired"):
                 self.outputs.publish_config_result(config_result(
                     False, None, error={"path": "", "message": detail, "value": None}))
             elif request.kind == "cmd":
@@ -199,8 +220,12 @@ class ControlPlane:
                 self._deferred.append(payload)
                 log.info("config_deferred", request_id=request_id, waiting=len(self._deferred))
                 return
-            pushed = build_config(raw, source="config/set", base_dir=self._base_dir(), read_secrets=False)
-            new_cfg = with_secrets(check_push(raw, pushed, self.cfg))
+            if self.cfg.fleet.trusted_keys:
+                raise ConfigError("(push)", "this node pins fleet.trusted_keys: it takes signed desired documents "
+                                  "(config/desired) only, not config/set")
+            effective = with_overlay(raw, self.rollout.state.applied)
+            pushed = build_config(effective, source="config/set", base_dir=self._base_dir(), read_secrets=False)
+            new_cfg = with_secrets(check_push(effective, pushed, self.cfg))
             changed = [name for name in RESTART_FIELDS if getattr(new_cfg, name) != getattr(self.cfg, name)]
             if changed:
                 self._trial_by_restart(request_id, text, new_cfg, changed)
@@ -275,14 +300,140 @@ class ControlPlane:
             if self._remember_good_later and self.files is not None and self._healthy_now():
                 self._remember_good_later = False
                 self.files.remember_good(self.files.config.read_text(encoding="utf-8"))
-            return
-        problems = trial.check.problems()
-        if not problems:
-            self._commit(trial)
-        elif trial.check.expired:
-            self._roll_back(trial, problems)
+        else:
+            problems = trial.check.problems()
+            if not problems:
+                self._commit(trial)
+            elif trial.check.expired:
+                self._roll_back(trial, problems)
         while self.trial is None and self._deferred and not self._restarting:
             self._config_push(self._deferred.pop(0))
+        self._next_desired()
+
+    # --- desired documents (docs/fleet.md) -----------------------------------------------------------
+
+    def _desired(self, origin: str, payload: bytes) -> None:
+        """A document on the node's or one of its groups' config/desired topics (retained ones at every connect)."""
+        control = self.cfg.control
+        try:
+            limits = control.limits(control.max_config_bytes)
+            doc = parse_document(payload, origin, self.cfg.node, self.cfg.fleet, limits)
+        except ConfigError as exc:
+            version = _version_of(payload)
+            key = (origin, hash(payload))
+            if key in self._refused_desired:
+                return  # the same retained document again (a reconnect): answered already
+            self._refused_desired.add(key)
+            log.warning("desired_refused", origin=origin, version=version, path=exc.path, error=exc.message)
+            groups = self.rollout.groups
+            if version is not None and rank(version, origin, groups) > self.rollout.state.tried_rank(groups):
+                self.rollout.state.record_attempt(version, origin, _request_id_of(payload), "refused",
+                                                  f"{exc.path}: {exc.message}")
+            self.outputs.publish_config_result(config_result(
+                False, _request_id_of(payload), error={"path": exc.path, "message": exc.message,
+                                                       "value": _jsonable(exc.value)},
+                phase="refused", version=version, origin=origin))
+            self.publish_state(force=True)
+            return
+        rollout = self.rollout
+        rollout.offer(doc)
+        fetching = rollout.fetch
+        if fetching is not None and rank(doc.version, origin, rollout.groups) > rank(
+                fetching.document.version, fetching.document.origin, rollout.groups):
+            rollout.cancel()  # superseded: fetch the newer one instead
+
+    def _next_desired(self) -> None:
+        """Act on the best document received, when nothing else is on trial or being fetched."""
+        rollout = self.rollout
+        if self.trial is not None or self._restarting or rollout.fetch is not None:
+            return
+        doc = rollout.next_document()
+        if doc is None:
+            return
+        # A newer document supersedes the one received before it: act on this one only.
+        if rollout.missing(doc):
+            log.info("desired_fetching", version=doc.version, origin=doc.origin, request_id=doc.id,
+                     artifacts=",".join(key for key, _ in rollout.missing(doc)))
+            rollout.state.record(doc, "fetching")
+            rollout.start_fetch(doc, self.live.current.models)
+            self.publish_state(force=True)
+            return
+        self._apply_desired(doc)
+
+    def _rollout_progress(self) -> None:
+        """The fetch thread moved on: publish its progress, and act when it has finished."""
+        rollout = self.rollout
+        fetch = rollout.fetch
+        if fetch is not None and fetch.done:
+            rollout.fetch = None
+            doc = fetch.document
+            newer = rollout.next_document()
+            if newer is not None:
+                self._refuse_desired(doc, "version", f"superseded by version {newer.version} ({newer.origin}) "
+                                     "before it was applied", doc.version)
+            elif fetch.error is not None:
+                self._refuse_desired(doc, "(artifacts)", fetch.error)
+            else:
+                self._apply_desired(doc)
+        self.publish_state()
+
+    def _apply_desired(self, doc: DesiredDocument) -> None:
+        rollout = self.rollout
+        try:
+            base, _ = self._base_document()
+            paths = rollout.paths(doc)
+            merged, ignored = apply_overlay(base, doc.config, paths)
+            source = f"desired v{doc.version} ({doc.origin})"
+            built = build_config(merged, source=source, base_dir=self._base_dir(), read_secrets=False)
+            new_cfg = with_secrets(check_push(merged, built, self.cfg))
+            changed = [name for name in RESTART_FIELDS if getattr(new_cfg, name) != getattr(self.cfg, name)]
+            if changed:  # the overlay keys cannot reach these; a changed local file can (applies at a restart)
+                new_cfg = dataclasses.replace(new_cfg, **{name: getattr(self.cfg, name) for name in changed})
+            previous = self.cfg
+            self.apply(new_cfg)
+        except ConfigError as exc:
+            self._refuse_desired(doc, exc.path, exc.message, exc.value)
+            return
+        except EdgeAsdError as exc:
+            self._refuse_desired(doc, "", str(exc))
+            return
+        check = HealthCheck.start(self.live.current, self.cfg.control.trial_seconds, need_broker=False,
+                                  broker_connected=lambda: self.outputs.delivery().broker_connected,
+                                  inference_errors=self._inference_errors)
+        self.trial = _Trial(doc.id, "", new_cfg, previous, check, [], desired=doc, paths=paths, ignored=ignored)
+        rollout.state.record(doc, "trial")
+        rollout.clear_progress("trial")
+        log.info("config_trial", request_id=doc.id, version=doc.version, origin=doc.origin,
+                 config_hash=new_cfg.config_hash, ignored_sources=",".join(ignored) or "-",
+                 deadline_s=round(check.deadline - time.monotonic(), 1))
+        self.publish_state(force=True)
+
+    def _refuse_desired(self, doc: DesiredDocument, path: str, message: str, value: object = None) -> None:
+        log.warning("desired_refused", origin=doc.origin, version=doc.version, request_id=doc.id, path=path,
+                    error=message)
+        self.rollout.state.record(doc, "refused", f"{path}: {message}" if path else message)
+        self.rollout.clear_progress()
+        self.outputs.publish_config_result(config_result(
+            False, doc.id, error={"path": path, "message": message, "value": _jsonable(value)}, phase="refused",
+            version=doc.version, origin=doc.origin))
+        self.publish_state(force=True)
+
+    def _base_document(self) -> tuple[dict[str, Any], str]:
+        """The local config (the file, or the embedded default) as a document, and its text."""
+        if self.config_path is None:
+            text = default_config_text()
+        else:
+            try:
+                text = self.config_path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError("(file)", f"cannot read the local config: {exc.strerror}",
+                                  str(self.config_path)) from None
+        raw = load_yaml(text, LOCAL_FILE)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError("(top level)", "the local config must be a mapping", source=str(self.config_path))
+        return raw, text
 
     def _healthy_now(self) -> bool:
         check = HealthCheck.start(self.live.current, 0.0, need_broker=False,
@@ -291,6 +442,9 @@ class ControlPlane:
         return not check.problems()
 
     def _commit(self, trial: _Trial) -> None:
+        if trial.desired is not None:
+            self._commit_desired(trial, trial.desired)
+            return
         persisted = False
         if self.files is not None:
             try:
@@ -307,8 +461,32 @@ class ControlPlane:
         self.outputs.publish_config_result(result)
         self.publish_state(force=True)
 
+    def _commit_desired(self, trial: _Trial, doc: DesiredDocument) -> None:
+        rollout = self.rollout
+        self.trial = None
+        persisted = True
+        try:
+            rollout.state.commit(doc, trial.paths, trial.cfg.config_hash)
+        except OSError as exc:
+            persisted = False
+            log.error("desired_not_persisted", path=rollout.state.path, error=exc)
+        removed = rollout.store.keep_only(rollout.state.kept_artifacts())
+        rollout.clear_progress()
+        log.info("config_committed", request_id=doc.id, version=doc.version, origin=doc.origin,
+                 config_hash=trial.cfg.config_hash, persisted=persisted, artifacts_removed=len(removed))
+        result = config_result(True, doc.id, trial.cfg.config_hash, phase="committed", version=doc.version,
+                               origin=doc.origin)
+        result["persisted"] = persisted
+        if trial.ignored:
+            result["ignored_sources"] = trial.ignored
+        self.outputs.publish_config_result(result)
+        self.publish_state(force=True)
+
     def _roll_back(self, trial: _Trial, problems: list[str]) -> None:
         reason = "; ".join(problems)
+        if trial.desired is not None:
+            self._roll_back_desired(trial, trial.desired, reason)
+            return
         rollback = Rollback(trial.request_id, trial.cfg.config_hash, reason, time.time())
         log.error("config_rolled_back", request_id=trial.request_id, config_hash=trial.cfg.config_hash,
                   reason=reason, restart=bool(trial.changed))
@@ -329,6 +507,24 @@ class ControlPlane:
             return
         self._answer_rollback(rollback)
 
+    def _roll_back_desired(self, trial: _Trial, doc: DesiredDocument, reason: str) -> None:
+        log.error("config_rolled_back", request_id=doc.id, version=doc.version, origin=doc.origin,
+                  config_hash=trial.cfg.config_hash, reason=reason)
+        self.trial = None
+        self.rollout.state.record(doc, "rolled_back", reason)
+        self.rollout.clear_progress()
+        assert trial.previous is not None  # a desired document is tried live, never by a restart
+        try:
+            self.apply(trial.previous)
+        except EdgeAsdError as exc:
+            reason = f"{reason}; and going back failed too ({exc}): restarting"
+            self._restart(reason)
+        self.last_rollback = Rollback(doc.id, trial.cfg.config_hash, reason, time.time())
+        self.outputs.publish_config_result(config_result(
+            False, doc.id, trial.cfg.config_hash, phase="rolled_back", version=doc.version, origin=doc.origin,
+            error={"path": "", "message": f"rolled back: {reason}", "value": None}))
+        self.publish_state(force=True)
+
     def _answer_rollback(self, rollback: Rollback) -> None:
         self.last_rollback = rollback
         self.outputs.publish_config_result(config_result(
@@ -341,7 +537,9 @@ class ControlPlane:
             return False, "running on the embedded default config: nothing to reload"
         self.notifier.reloading()
         try:
-            new_cfg = load_config(self.config_path)
+            base, _ = self._base_document()
+            new_cfg = build_config(with_overlay(base, self.rollout.state.applied), source=str(self.config_path),
+                                   base_dir=self._base_dir())
             restart = self.apply(new_cfg, isolate=True)
         except EdgeAsdError as exc:
             self.notifier.ready()
@@ -405,8 +603,9 @@ class ControlPlane:
             args = _command_args(name, payload, self.cfg.control)
             request_id = args.pop("id", None)
             _check_arguments(name, args)
-            if name == "status":
+            if name == "status":  # answered, and the retained state re-published (a fleet-wide roll call)
                 self.outputs.publish_command_result(command_result(name, True, request_id, result=self.state()))
+                self.publish_state(force=True)
             elif name == "reload":
                 ok, detail = self._reload_file()
                 self.outputs.publish_command_result(command_result(
@@ -501,7 +700,8 @@ class ControlPlane:
         assert pipeline.cfg.bank is not None  # parse_config requires it
         enrolled = build_target_bank(pipeline.cfg.bank, pipeline.bank, job, pipeline.scoring, pipeline.cfg.enroll)
         calibrated = float(enrolled.threshold["value"])
-        bank_id = enrolled.banks.content_hash()[:12]
+        bank_sha256 = enrolled.banks.content_hash()
+        bank_id = bank_sha256[:12]
         with self.live.lock:
             current = self.live.current.pipelines.get(name)
             if current is None:
@@ -510,6 +710,7 @@ class ControlPlane:
             context = dataclasses.replace(current.context, bank=bank_id, threshold=value)
             current.tracker.reconfigure(context, current.cfg.hysteresis)
             new = dataclasses.replace(current, bank=enrolled.banks, scorer=enrolled.scorer, bank_id=bank_id,
+                                      bank_sha256=bank_sha256,
                                       threshold=value, context=context, bank_stamp=bank_stamp(pipeline.cfg.bank))
             runtime = self.live.current
             self.live.current = dataclasses.replace(runtime, pipelines={**runtime.pipelines, name: new})
@@ -533,7 +734,38 @@ class ControlPlane:
         }
         if self.startup.problem:
             state["config"]["problem"] = self.startup.problem
+        self._desired_state(state)
         return state
+
+    def _desired_state(self, state: dict[str, Any]) -> None:
+        """The desired-document part of the state: the version acted on last and how it went, the one
+        committed, the progress of a fetch, and the version of each artifact the node runs."""
+        desired, trial = self.rollout.state, self.trial
+        applied, last = desired.applied, desired.last
+        state["config"].update({
+            "hash": self.cfg.config_hash,
+            "version": last.version if last is not None else None,
+            "desired_origin": last.origin if last is not None else None,
+            "request_id": last.request_id if last is not None else None,
+            "status": last.status if last is not None else None,
+            "error": last.error if last is not None else None,
+            "committed_version": int(applied.document["version"]) if applied is not None else None,
+            "progress": self.rollout.progress,
+        })
+        if desired.problem is not None:
+            state["config"]["desired_problem"] = desired.problem
+        state["fleet"] = {"groups": list(self.cfg.fleet.groups)}
+        versions = dict(applied.versions) if applied is not None else {}
+        if trial is not None and trial.desired is not None:
+            versions = artifact_versions(trial.desired, trial.paths)
+        models = self.live.current.models
+        for member, encoder in zip(state["model"]["members"], models.encoders, strict=True):
+            member["version"] = versions.get(str(encoder.path))
+        if len(models.encoders) == 1:
+            state["model"]["sha256"] = models.encoders[0].model_sha256
+            state["model"]["version"] = versions.get(str(models.encoders[0].path))
+        for source in state["sources"]:
+            source["bank"]["version"] = versions.get(source["bank"]["path"])
 
     def publish_state(self, force: bool = False, status: str = "online") -> None:
         with self._state_lock:
@@ -580,6 +812,16 @@ def _unwrap_config(payload: bytes, limits: InputLimits) -> tuple[str | None, dic
     if not isinstance(doc, dict):
         raise ConfigError("(top level)", "must be a mapping", doc)
     return request_id, doc, text
+
+
+def _version_of(payload: bytes) -> int | None:
+    """The version of a desired document that was refused, best effort (for the answer)."""
+    try:
+        doc = json.loads(payload[:MAX_PEEK_BYTES].decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    version = doc.get("version") if isinstance(doc, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else None
 
 
 def _jsonable(value: object) -> object:

@@ -10,6 +10,7 @@ Threads:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.agent.config import AgentConfig, load_config, load_default_config, parse_config
+from edge_agent.agent.config import AgentConfig, build_config, load_default_config, parse_config
 from edge_agent.agent.connection import tls_context
 from edge_agent.agent.control import ControlPlane, ControlRequest, Startup
+from edge_agent.agent.desired import DesiredState, with_overlay
 from edge_agent.agent.episodes import end_after_restart
+from edge_agent.agent.inbound import LOCAL_FILE, load_yaml
 from edge_agent.agent.inference import InferenceLoop, publish_alert
 from edge_agent.agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.agent.open_episodes import OpenEpisodes
@@ -219,31 +222,56 @@ def run(config_path: Path | None, check: bool = False) -> int:
 
 def start_agent(config_path: Path) -> Agent:
     """The agent for this start: a pending trial if it builds, else the config file, else the last-known-good
-    copy of it. What was passed over is logged and reported in the state; a push that failed is answered."""
+    copy of it; each with the applied desired document on top (docs/fleet.md), or without it when that cannot
+    start. What was passed over is logged and reported in the state; a push that failed is answered."""
     files = TrialFiles(config_path)
     base_dir = config_path.resolve().parent
     rollback = files.read_rollback()
     trial = files.read_trial()
     if trial is not None:
         try:
-            cfg = parse_config(trial.text, source=f"{config_path} (pushed, on trial)", base_dir=base_dir)
-            setup_logging(cfg.logging.level, cfg.logging.format)
-            return Agent(cfg, config_path, startup=Startup("trial", trial=trial, rollback=rollback,
-                                                           changed=list(trial.changed)))
+            return _agent(trial.text, f"{config_path} (pushed, on trial)", base_dir, config_path,
+                          Startup("trial", trial=trial, rollback=rollback, changed=list(trial.changed)))
         except EdgeAsdError as exc:
             rollback = Rollback(trial.request_id, trial.config_hash, f"the pushed config could not start: {exc}",
                                 time.time())
             files.fail_trial(rollback)
     problem = None
     try:
-        cfg = load_config(config_path)
-        setup_logging(cfg.logging.level, cfg.logging.format)
-        return Agent(cfg, config_path, startup=Startup("file", rollback=rollback))
+        return _agent(_read_config_text(config_path), str(config_path), base_dir, config_path,
+                      Startup("file", rollback=rollback))
     except EdgeAsdError as exc:
         if not files.last_good.is_file():
             raise
         problem = str(exc)
-    cfg = parse_config(files.last_good.read_text(encoding="utf-8"), source=str(files.last_good), base_dir=base_dir)
-    setup_logging(cfg.logging.level, cfg.logging.format)
     log.error("config_file_unusable", path=config_path, error=problem, using=files.last_good)
-    return Agent(cfg, config_path, startup=Startup("last_good", rollback=rollback, problem=problem))
+    return _agent(files.last_good.read_text(encoding="utf-8"), str(files.last_good), base_dir, config_path,
+                  Startup("last_good", rollback=rollback, problem=problem))
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("(file)", f"cannot read: {exc.strerror}", str(path), source=str(path)) from None
+
+
+def _agent(text: str, source: str, base_dir: Path, config_path: Path, startup: Startup) -> Agent:
+    """The agent on the local config `text` with the applied desired overlay; on the local config alone when
+    the overlay does not start (reported as the desired version rolled back)."""
+    base = parse_config(text, source=source, base_dir=base_dir)
+    setup_logging(base.logging.level, base.logging.format)
+    applied = DesiredState(base.state_dir).applied
+    if applied is not None:
+        version, origin = applied.document["version"], applied.origin
+        try:
+            raw = load_yaml(text, LOCAL_FILE) or {}
+            cfg = build_config(with_overlay(raw, applied), source=f"{source} + desired v{version} ({origin})",
+                               base_dir=base_dir)
+            return Agent(cfg, config_path, startup=startup)
+        except EdgeAsdError as exc:
+            log.error("desired_not_started", version=version, origin=origin, error=str(exc),
+                      using="the local config alone")
+            startup = dataclasses.replace(startup, desired_problem=f"desired version {version} ({origin}) could "
+                                          f"not start: {exc}")
+    return Agent(base, config_path, startup=startup)

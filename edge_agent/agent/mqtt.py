@@ -7,6 +7,9 @@ Topics (prefix default `edge-asd`, node = device id):
   <prefix>/<node>/<source>/score  QoS 0, optional
   <prefix>/<node>/config/set      in;  answered on <prefix>/<node>/config/result
   <prefix>/<node>/cmd/<name>      in;  answered on <prefix>/<node>/cmd/result
+  <prefix>/<node>/config/desired  in, retained: a versioned desired document (docs/fleet.md)
+  <prefix>/group/<group>/config/desired, <prefix>/group/<group>/cmd/<name>, <prefix>/$broadcast/cmd/<name>
+                                  in: the same for the node's groups (fleet.groups) and the whole fleet
 
 Delivery: every alert is appended to the spool (fsync) before it is handed to paho. paho keeps a
 handed QoS 1 message in memory and re-sends it after a reconnect, so each spool record is handed
@@ -44,6 +47,7 @@ MAX_HANDED = 100  # spool records handed to paho and not yet acknowledged
 class Topics:
     prefix: str
     node: str
+    groups: tuple[str, ...] = ()
 
     def _t(self, *parts: str) -> str:
         return "/".join((self.prefix, self.node, *parts))
@@ -78,11 +82,44 @@ class Topics:
     def cmd_result(self) -> str:
         return self._t("cmd", "result")
 
+    @property
+    def config_desired(self) -> str:
+        return self._t("config", "desired")
+
+    def group_desired(self, group: str) -> str:
+        return f"{self.prefix}/group/{group}/config/desired"
+
+    def group_cmd_filter(self, group: str) -> str:
+        return f"{self.prefix}/group/{group}/cmd/+"
+
+    @property
+    def broadcast_cmd_filter(self) -> str:
+        return f"{self.prefix}/$broadcast/cmd/+"
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """Everything the node listens to: its own config and commands, its groups', and the broadcast commands."""
+        topics = [self.config_set, self.cmd_filter, self.config_desired, self.broadcast_cmd_filter]
+        for group in self.groups:
+            topics += [self.group_desired(group), self.group_cmd_filter(group)]
+        return topics
+
+    def desired_origin(self, topic: str) -> str | None:
+        """"node" or "group/<group>" for a config/desired topic this node follows, else None."""
+        if topic == self.config_desired:
+            return "node"
+        for group in self.groups:
+            if topic == self.group_desired(group):
+                return f"group/{group}"
+        return None
+
     def command_name(self, topic: str) -> str | None:
-        head = self._t("cmd") + "/"
-        if topic.startswith(head):
-            name = topic[len(head):]
-            return name if name and "/" not in name and name != "result" else None
+        heads = [self._t("cmd") + "/", f"{self.prefix}/$broadcast/cmd/"]
+        heads += [f"{self.prefix}/group/{group}/cmd/" for group in self.groups]
+        for head in heads:
+            if topic.startswith(head):
+                name = topic[len(head):]
+                return name if name and "/" not in name and name != "result" else None
         return None
 
 
@@ -106,7 +143,7 @@ class MqttPublisher:
     def __init__(self, cfg: AgentConfig, spool: Spool, on_message: MessageHandler):
         assert cfg.mqtt is not None
         self.mcfg: MqttConfig = cfg.mqtt
-        self.topics = Topics(self.mcfg.prefix, cfg.node)
+        self.topics = Topics(self.mcfg.prefix, cfg.node, tuple(cfg.fleet.groups))
         self.spool = spool
         self._on_message = on_message
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -175,7 +212,7 @@ class MqttPublisher:
         if reason.is_failure:
             self._events.put(("unreachable", f"refused by the broker: {reason}"))
             return
-        client.subscribe([(self.topics.config_set, 1), (self.topics.cmd_filter, 1)])
+        client.subscribe([(topic, 1) for topic in self.topics.subscriptions])
         self._events.put(("connected",))
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason: Any,
@@ -198,8 +235,9 @@ class MqttPublisher:
         self._events.put(("acked", mid))
 
     def _on_paho_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        if message.retain:
-            return  # a stale retained command or config must not be re-applied at every connect
+        if message.retain and self.topics.desired_origin(message.topic) is None:
+            return  # a stale retained command or config must not be re-applied at every connect (a desired
+            # document is retained on purpose: its version says whether it is new)
         try:
             self._on_message(message.topic, bytes(message.payload))
         except Exception:

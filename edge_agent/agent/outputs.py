@@ -85,6 +85,10 @@ class MqttOutputs:
         if topic == self.topics.config_set:
             self._on_request("config", "", payload)
             return
+        origin = self.topics.desired_origin(topic)
+        if origin is not None:
+            self._on_request("desired", origin, payload)
+            return
         name = self.topics.command_name(topic)
         if name is not None:
             self._on_request("cmd", name, payload)

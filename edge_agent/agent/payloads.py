@@ -81,13 +81,18 @@ def score_payload(ctx: AlertContext, window_start: float, score: float, latency_
 
 def config_result(ok: bool, request_id: str | None, config_hash: str | None = None,
                   error: dict[str, Any] | None = None, restart_required: list[str] | None = None,
-                  phase: str | None = None) -> dict[str, Any]:
+                  phase: str | None = None, version: int | None = None, origin: str | None = None) -> dict[str, Any]:
     """Answer on <prefix>/<node>/config/result; `error` has `path`, `message` and `value`. `phase`: refused (never
-    applied), committed (ran healthy on trial, now the config file), rolled_back (failed its trial)."""
+    applied), committed (ran healthy on trial, now the config file), rolled_back (failed its trial). A desired
+    document's answer carries its `version` and `origin` (`node` or `group/<group>`)."""
     payload: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "ok": ok, "request_id": request_id,
                                "time": iso_time(), "config_hash": config_hash}
     if phase is not None:
         payload["phase"] = phase
+    if version is not None:
+        payload["version"] = version
+    if origin is not None:
+        payload["origin"] = origin
     if error is not None:
         payload["error"] = error
     if restart_required:

@@ -1,9 +1,9 @@
 """What a config pushed over MQTT may do beyond being a valid config.
 
-A push may not change the `control` section (the limits on pushes themselves: the local file sets them),
-and every file or directory it names must lie under the push roots, or be one the running config
-already names at the same key: so a push cannot make the agent read /etc/shadow as a password file
-or write its spool into /etc. The local config file, which only someone on the device edits, may name
+A push may not change the `control` and `fleet` sections (the limits on pushes, what the node trusts: the
+local file sets them), and every file or directory it names must lie under the push roots, or be one the
+running config already names at the same key: so a push cannot make the agent read /etc/shadow as a
+password file or write its spool into /etc. The local config file, which only someone on the device edits, may name
 any path.
 """
 
@@ -18,6 +18,8 @@ from typing import Any
 from edge_agent.agent.config import AgentConfig
 from edge_agent.errors import ConfigError
 
+LOCAL_ONLY = ("control", "fleet")  # the limits on pushes themselves, and what the node trusts
+
 
 def push_roots(running: AgentConfig) -> list[Path]:
     """control.push_roots, else the state dir and the directories that hold the running models and banks."""
@@ -30,9 +32,10 @@ def push_roots(running: AgentConfig) -> list[Path]:
 
 def check_push(raw: dict[str, Any], pushed: AgentConfig, running: AgentConfig) -> AgentConfig:
     """The pushed config as it will run (the running `control` section kept), or a ConfigError."""
-    if "control" in raw and pushed.control != running.control:
-        raise ConfigError("control", "is set by the agent's local config file only; leave it out of a push")
-    pushed = dataclasses.replace(pushed, control=running.control)
+    for section in LOCAL_ONLY:
+        if section in raw and getattr(pushed, section) != getattr(running, section):
+            raise ConfigError(section, "is set by the agent's local config file only; leave it out of a push")
+    pushed = dataclasses.replace(pushed, **{section: getattr(running, section) for section in LOCAL_ONLY})
     roots = push_roots(running)
     known = dict(config_paths(running))
     for key, path in config_paths(pushed):
@@ -58,7 +61,7 @@ def _paths(value: Any, at: str) -> Iterator[tuple[str, Path]]:
             yield from _paths(item, f"{at}[{i}]")
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for field in dataclasses.fields(value):
-            if field.name in ("control", "source_file"):
+            if field.name in (*LOCAL_ONLY, "source_file"):
                 continue
             yield from _paths(getattr(value, field.name), f"{at}.{field.name}" if at else field.name)
 

@@ -45,6 +45,7 @@ class SourcePipeline:
     context: AlertContext
     enroll: EnrollJob | None = None
     bank_stamp: tuple[int, int, int] | None = None
+    bank_sha256: str = ""  # content hash of the banks (bank_id is its first 12 characters)
 
     @property
     def scoring(self) -> ScoringConfig:
@@ -110,7 +111,7 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
         stamp = bank_stamp(src.bank)
         if old is not None and old.cfg.bank == src.bank and old.bank_stamp == stamp and old.scoring == src.scoring \
                 and old.context.model == models.model_id:
-            banks, scorer, bank_id = old.bank, old.scorer, old.bank_id
+            banks, scorer, bank_sha256 = old.bank, old.scorer, old.bank_sha256
         else:
             assert src.bank is not None  # parse_config requires it
             try:
@@ -126,7 +127,7 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
                     raise
                 failed[src.name] = FailedSource(src, exc, stamp)
                 continue
-            bank_id = banks.content_hash()[:12]
+            bank_sha256 = banks.content_hash()
         try:
             threshold, origin = _threshold(src, banks, at, cfg.source_file)
         except ConfigError as exc:
@@ -134,6 +135,7 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
                 raise
             failed[src.name] = FailedSource(src, exc, stamp)
             continue
+        bank_id = bank_sha256[:12]
         context = AlertContext(node=cfg.node, source=src.name, model=models.model_id, bank=bank_id,
                                threshold=threshold)
         same_rate = old is not None and old.source.model_rate == models.capture_rate
@@ -144,7 +146,7 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
             fresh.append(source)
         tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
         pipelines[src.name] = SourcePipeline(src, source, banks, bank_id, scorer, threshold, origin, tracker,
-                                             context, bank_stamp=stamp)
+                                             context, bank_stamp=stamp, bank_sha256=bank_sha256)
     if not pipelines:  # nothing would be monitored: that is a config that cannot start
         raise next(iter(failed.values())).error
     return Runtime(cfg, models, pipelines, fresh, failed)

@@ -27,7 +27,7 @@ def agent_state(runtime: Runtime, node: str, started_at: float, delivery: Delive
         degraded |= health["state"] in ("lost", "failed", "degraded")
         sources.append({
             "name": p.cfg.name, "type": p.cfg.type,
-            "bank": {"id": p.bank_id, "path": str(p.cfg.bank), "created_at": p.bank.created_at,
+            "bank": {"id": p.bank_id, "sha256": p.bank_sha256, "path": str(p.cfg.bank), "created_at": p.bank.created_at,
                      "counts": {"source": p.bank.count_raw("source"), "target": p.bank.count_raw("target")}},
             "threshold": p.threshold, "threshold_origin": p.threshold_origin,
             "episode": p.tracker.episode.event_id if p.tracker.episode is not None else None,

@@ -53,6 +53,6 @@ class ModelSet:
 
     def describe(self) -> list[dict[str, Any]]:
         """One entry per member for state payloads and summaries."""
-        return [{"id": e.model_id, "family": e.info.family, "variant": e.info.variant,
+        return [{"id": e.model_id, "sha256": e.model_sha256, "family": e.info.family, "variant": e.info.variant,
                  "sample_rate": e.info.sample_rate, "window_samples": e.info.window_samples,
                  "providers": list(e.providers)} for e in self.encoders]
