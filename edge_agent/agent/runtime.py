@@ -29,7 +29,7 @@ from edge_agent.scoring.scorer import Scorer
 # Fields of a source whose change needs a new capture; any other change keeps the running capture.
 CAPTURE_FIELDS = ("type", "path", "realtime", "loop", "device", "sample_rate", "channels", "channel",
                   "block_seconds", "buffer_seconds", "window_seconds", "hop_seconds", "speed",
-                  "stall_seconds", "retry_initial_seconds", "retry_max_seconds")
+                  "stall_seconds", "retry_initial_seconds", "retry_max_seconds", "audio_checks")
 
 
 @dataclass

@@ -81,6 +81,9 @@ control: {{trial_seconds: 2, push_roots: [{self.tmp}]}}
 
     def publish(self, topic: str, doc: dict[str, Any] | str, retain: bool = True) -> float:
         payload = doc if isinstance(doc, str) else json.dumps(doc)
+        deadline = time.monotonic() + 15
+        while not self.watcher.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)  # after a broker restart
         self.watcher.client.publish(f"{PREFIX}/{topic}", payload, qos=1, retain=retain).wait_for_publish(5)
         return time.monotonic()
 
@@ -237,3 +240,40 @@ def test_models_and_banks_by_url_wrong_hash_refused_everywhere(fleet: Fleet, htt
     print(f"\nartifact rollout (model {model_ref['size']} B + bank {bank_ref['size']} B), publish -> committed: "
           + ", ".join(f"{n} {t:.2f} s" for n, t in sorted(arrivals.items()))
           + "; artifact store per node: " + ", ".join(f"{n} {b} B" for n, b in sorted(disk.items())))
+
+
+def test_a_version_that_fails_its_trial_rolls_back_on_every_node_and_is_not_retried(fleet: Fleet) -> None:
+    # Every window below the RMS floor: refused as broken audio, so no source delivers a window under it.
+    bad = {"version": 1, "target": f"group/{GROUP}", "config": {"sources": {"*": {"audio_checks": {"rms_floor": 1.0}}}}}
+    started = fleet.publish(f"group/{GROUP}/config/desired", bad)
+    results = fleet.wait_results(NODES, 1, timeout=30)
+    took = time.monotonic() - started
+    for node, result in results.items():
+        assert result["phase"] == "rolled_back" and "no window" in result["error"]["message"], (node, result)
+    assert took >= 2.0, "rolled back at the trial deadline (trial_seconds 2)"
+    for node in NODES:
+        fleet.watcher.wait_for(lambda m, n=node: fleet.last_state(n)["config"]["status"] == "rolled_back",
+                               what=f"{node} reports the rollback")
+    time.sleep(1.0)
+    fleet.publish("$broadcast/cmd/status", json.dumps({"id": "after-rollback"}), retain=False)
+
+    def answer(node: str) -> dict[str, Any] | None:
+        found = [r for r in fleet.watcher.on(f"{PREFIX}/{node}/cmd/result") if r.get("request_id") == "after-rollback"]
+        return found[0] if found else None
+    fleet.watcher.wait_for(lambda m: all(answer(n) for n in NODES), what="the status answers")
+    for node in NODES:
+        answered = answer(node)
+        assert answered is not None and answered["result"]["sources"][0]["health"]["windows"] > 0, \
+            f"{node} must monitor again under its previous config"
+    # the broker hands the retained version 1 to a reconnecting node: it is not tried again
+    fleet.broker.stop()
+    fleet.broker.start()
+    fleet.watcher.wait_for(lambda m: all("event=desired_ignored" in fleet.log(n).read_text() for n in NODES),
+                           what="version 1 ignored after the reconnect")
+    assert all(len(fleet.results(n, 1)) == 1 for n in NODES)
+    # the fix is a new version
+    fleet.publish(f"group/{GROUP}/config/desired", {**bad, "version": 2, "config": {"sources": {"*": {
+        "audio_checks": {"rms_floor": 1e-4}}}}})
+    results = fleet.wait_results(NODES, 2)
+    assert all(r["phase"] == "committed" for r in results.values()), results
+    print(f"\nrollback of a version that fails its trial on 3 nodes: {took:.2f} s after the publish")
