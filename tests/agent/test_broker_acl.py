@@ -92,3 +92,40 @@ def test_only_the_operator_can_push_and_command_a_node(tmp_path: Path, toy_model
 
 def _doc(text: str) -> dict:
     return yaml.safe_load(text)
+
+
+def test_only_the_operator_can_publish_desired_documents_and_fleet_commands(tmp_path: Path, toy_model: Path,
+                                                                           bank_dir: Path,
+                                                                           acl_broker: Mosquitto) -> None:
+    wav = write_anomaly_wav(tmp_path / "fan.wav", 10, (20, 20))
+    (tmp_path / "pw").write_text(USERS[NODE])
+    cfg = write_config(tmp_path, toy_model, bank_dir, acl_broker.port, wav, realtime=True, loop=True, speed=10,
+                       mqtt_extra=f"  username: {NODE}\n  password_file: pw",
+                       extra="fleet: {groups: [line-1]}\ncontrol: {trial_seconds: 2}")
+    operator = Watcher(acl_broker.port, f"{BASE}/#", setup=_as("operator"))
+    other_node = Watcher(acl_broker.port, "edge-asd/group/#", setup=_as("node-b"))
+    log = tmp_path / "agent.log"
+    proc = start_agent(cfg, log)
+
+    def desired(version: int, threshold: float) -> str:
+        return json.dumps({"version": version, "config": {"sources": {"*": {"threshold": threshold}}}})
+    try:
+        operator.wait_for(lambda m: operator.on(f"{BASE}/state"), what="the node's state")
+        # another node's credentials: its group document, its own node's document and a broadcast are dropped
+        other_node.publish("edge-asd/group/line-1/config/desired", desired(9, 300.0))
+        other_node.publish(f"{BASE}/config/desired", desired(9, 300.0))
+        other_node.publish("edge-asd/$broadcast/cmd/status", json.dumps({"id": "broadcast-from-node-b"}))
+        # the operator's group document and broadcast are applied and answered, and nothing came before them
+        operator.publish("edge-asd/group/line-1/config/desired", desired(1, 400.0))
+        operator.wait_for(lambda m: operator.on(f"{BASE}/config/result"), what="the group document answered")
+        operator.publish("edge-asd/$broadcast/cmd/status", json.dumps({"id": "broadcast-from-operator"}))
+        operator.wait_for(lambda m: operator.on(f"{BASE}/cmd/result"), what="the broadcast answered")
+        results = operator.on(f"{BASE}/config/result")
+        assert [(r["version"], r["phase"]) for r in results] == [(1, "committed")], results
+        assert [r["request_id"] for r in operator.on(f"{BASE}/cmd/result")] == ["broadcast-from-operator"]
+        # a node reads group documents (the operator's), but its own publishes were dropped
+        assert [p["version"] for t, p, _ in other_node.messages] == [1], other_node.messages
+    finally:
+        assert stop_agent(proc, log) == 0, log.read_text()[-2000:]
+        for watcher in (operator, other_node):
+            watcher.close()
