@@ -29,14 +29,14 @@ GROUP = "line-1"
 class Fleet:
     """Three agents in group line-1, and a watcher of every topic."""
 
-    def __init__(self, tmp: Path, broker: Mosquitto, model: Path, bank: Path) -> None:
+    def __init__(self, tmp: Path, broker: Mosquitto, model: Path, bank: Path, nodes: tuple[str, ...] = NODES) -> None:
         self.tmp, self.broker, self.model, self.bank = tmp, broker, model, bank
         self.wav = write_anomaly_wav(tmp / "fan.wav", 10, (20, 20))  # normal sound only
         self.watcher = Watcher(broker.port, f"{PREFIX}/#")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        for node in NODES:
+        for node in nodes:
             self.start(node)
-        for node in NODES:
+        for node in nodes:
             self.watcher.wait_for(lambda m, n=node: self.states(n), what=f"{node}'s state")
 
     def config(self, node: str) -> Path:
@@ -277,3 +277,58 @@ def test_a_version_that_fails_its_trial_rolls_back_on_every_node_and_is_not_retr
     results = fleet.wait_results(NODES, 2)
     assert all(r["phase"] == "committed" for r in results.values()), results
     print(f"\nrollback of a version that fails its trial on 3 nodes: {took:.2f} s after the publish")
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """Serves `body` slowly: 10 KB every 0.1 s."""
+
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        try:
+            for i in range(0, len(self.body), 10_000):
+                self.wfile.write(self.body[i:i + 10_000])
+                self.wfile.flush()
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the node gave up on this download
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_slow_download_reports_progress_and_a_newer_version_supersedes_it(tmp_path: Path, broker: Mosquitto,
+                                                                            toy_model: Path, bank_dir: Path) -> None:
+    _Trickle.body = toy_model.read_bytes() + b"\0" * 400_000  # 4 s to download; never completes here
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fleet = Fleet(tmp_path, broker, toy_model, bank_dir, nodes=("n1",))
+    try:
+        slow = {"version": 1, "config": {"model": {
+            "url": f"http://127.0.0.1:{server.server_address[1]}/big.onnx", "size": len(_Trickle.body),
+            "sha256": hashlib.sha256(_Trickle.body).hexdigest()}}}
+        fleet.publish("n1/config/desired", slow)
+
+        def downloading(m: list) -> bool:
+            progress = fleet.last_state("n1")["config"]["progress"]
+            return bool(progress) and progress["phase"] == "downloading" and (progress["percent"] or 0) >= 10
+        fleet.watcher.wait_for(downloading, what="download progress in the retained state")
+        progress = fleet.last_state("n1")["config"]["progress"]
+        assert progress["version"] == 1 and progress["artifact"] == "config.model", progress
+        assert fleet.last_state("n1")["config"]["status"] == "fetching"
+        fleet.publish("n1/config/desired", {"version": 2, "config": {"sources": {"*": {"threshold": 3.0}}}})
+        results = fleet.wait_results(("n1",), 2)
+        first = fleet.results("n1", 1)
+        assert first and first[0]["phase"] == "refused" and "superseded by version 2" in first[0]["error"]["message"]
+        assert results["n1"]["phase"] == "committed"
+        assert fleet.results("n1").index(first[0]) < fleet.results("n1").index(results["n1"]), "answered in order"
+        staging = tmp_path / "n1" / "state" / "artifacts" / "staging"
+        assert not any(p.stat().st_size >= len(_Trickle.body) for p in staging.glob("*")), "the download stopped"
+        fleet.watcher.wait_for(lambda m: fleet.last_state("n1")["config"]["progress"] is None
+                               and fleet.last_state("n1")["config"]["committed_version"] == 2, what="version 2")
+    finally:
+        fleet.close()
+        server.shutdown()
