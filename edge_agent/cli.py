@@ -25,6 +25,7 @@ from edge_agent.evaluation.evaluate import evaluate_dataset
 from edge_agent.evaluation.progress import Progress
 from edge_agent.evaluation.report import markdown, write_report
 from edge_agent.evaluation.synthetic import MACHINE_TYPES, synthesize_dataset, write_demo_recording
+from edge_agent.fleet import cli as fleet_cli
 from edge_agent.logs import get_logger, setup_logging
 from edge_agent.model.embedding import audio_files, embed_windows, file_windows
 from edge_agent.model.encoder import Encoder
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="agent YAML config (default: the embedded demo config: file source, no MQTT)")
     run.add_argument("--check", action="store_true", help="validate the config, build the pipeline, exit")
     run.set_defaults(handler=lambda args: daemon.run(args.config, check=args.check))
+
+    fleet_cli.add_parser(commands)  # edge-agent fleet ...: dispatched to edge_agent.fleet.cli.run
     return parser
 
 

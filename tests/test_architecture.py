@@ -8,14 +8,16 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edge_agent"
-SUBPACKAGES = ("audio", "model", "scoring", "agent", "evaluation")
+SUBPACKAGES = ("audio", "model", "scoring", "agent", "evaluation", "fleet")
 # What each part must never import (beside torch and export/, which nothing in edge_agent imports).
+# fleet is the operator's CLI (an MQTT client of the agents): it may use the agent's code, never the reverse.
 FORBIDDEN = {
-    "audio": ("model", "scoring", "agent", "evaluation"),
-    "model": ("scoring", "agent", "evaluation"),
-    "scoring": ("model", "agent", "evaluation"),
-    "agent": ("evaluation",),
-    "evaluation": ("agent",),
+    "audio": ("model", "scoring", "agent", "evaluation", "fleet"),
+    "model": ("scoring", "agent", "evaluation", "fleet"),
+    "scoring": ("model", "agent", "evaluation", "fleet"),
+    "agent": ("evaluation", "fleet"),
+    "evaluation": ("agent", "fleet"),
+    "fleet": ("evaluation",),
     "": SUBPACKAGES,  # the top-level modules (errors, clock, fsutil, logs, model_info): shared by every part
 }
 
