@@ -18,6 +18,8 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.agent import daemon
+from edge_agent.agent.config import load_config
+from edge_agent.agent.labels_export import export_labels
 from edge_agent.audio.windowing import Window
 from edge_agent.errors import EdgeAsdError
 from edge_agent.evaluation.dcase import parse_clip_name
@@ -110,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="validate the config, build the pipeline, exit")
     run.set_defaults(handler=lambda args: daemon.run(args.config, check=args.check))
 
+    labels = commands.add_parser("labels", help="the alerts operators labelled (feedback), as a dataset")
+    labels_commands = labels.add_subparsers(dest="labels_command", required=True, metavar="LABELS_COMMAND")
+    export = labels_commands.add_parser("export", help="write the labelled clips (and kept learning audio) as a "
+                                        "DCASE-layout dataset for `edge-agent evaluate`")
+    export.add_argument("out", type=Path, metavar="DIR", help="the dataset root to write")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the agent's config file (its state_dir is read)")
+    where.add_argument("--state-dir", type=Path, help="the agent's state directory")
+    export.set_defaults(handler=run_labels_export)
+
     fleet_cli.add_parser(commands)  # edge-agent fleet ...: dispatched to edge_agent.fleet.cli.run
     return parser
 
@@ -158,6 +170,13 @@ def _split(text: str | None) -> list[str] | None:
 
 
 # --- info, synth ---------------------------------------------------------------------------------------
+
+
+def run_labels_export(args: argparse.Namespace) -> int:
+    state_dir = args.state_dir if args.state_dir is not None else load_config(args.config).state_dir
+    summary = export_labels(state_dir, args.out)
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0
 
 
 def run_info(args: argparse.Namespace) -> int:

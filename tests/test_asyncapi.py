@@ -214,7 +214,7 @@ def _code_topics() -> list[tuple[str, str]]:
             assert topics.command_name(topic) == name, topic
             out.append((topic, "receive"))
     discovery = homeassistant_discovery(topics, "homeassistant", [("fan.1", True)], "mn04-0123456789ab")
-    assert len(discovery) == 2
+    assert len(discovery) == 5  # per source: anomaly, learning, drift, score; per node: the acknowledge button
     out += [(topic, "send") for topic in discovery]
     return out
 

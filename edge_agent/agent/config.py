@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_agent.agent.drift import DriftConfig
+from edge_agent.agent.evidence import EvidenceConfig
 from edge_agent.agent.inbound import LOCAL_FILE, InputLimits, load_yaml
 from edge_agent.audio.quality import AudioChecks
 from edge_agent.errors import ConfigError
@@ -59,10 +61,31 @@ class EnrollConfig:
 
 
 @dataclass(frozen=True)
+class LearnConfig:
+    """On-site learning (`learn` command, or a source started without a bank)."""
+
+    minutes: float = field(default=60.0, metadata=_limits(lo=0.1, hi=10080.0))  # audio to record
+    domain: Literal["source", "target"] = "source"  # which domain the recording becomes
+    keep_audio: bool = True  # keep the recording in the evidence store (`rebuild` with another model)
+    outlier_k: int = field(default=5, metadata=_limits(lo=1, hi=100))  # neighbours of the leave-one-out test
+    outlier_z: float = field(default=5.0, metadata=_limits(lo=0.0, hi=100.0, lo_open=True))  # robust z cutoff
+    max_outlier_fraction: float = field(default=0.2, metadata=_limits(lo=0.0, hi=0.9))
+    min_windows: int = field(default=10, metadata=_limits(lo=2, hi=100000))  # fewer kept: learning failed
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Operator feedback (`feedback` command): a false positive's windows join the bank."""
+
+    domain: Literal["target", "source"] = "target"
+    max_refs: int = field(default=200, metadata=_limits(lo=1, hi=100000))  # refs feedback may add in all
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     name: str = field(metadata=_limits(pattern=NAME_PATTERN))
     type: Literal["mic", "file", "folder", "stdin"] = "file"
-    bank: Path | None = None  # bank directory; required unless the source only records
+    bank: Path | None = None  # bank directory; None: learned on site into <state_dir>/banks/<name>
     path: Path | None = None  # file or folder for file/folder sources
     realtime: bool = True  # file/folder: pace replay at the audio's own rate
     loop: bool = False  # file/folder: start over at the end
@@ -83,6 +106,9 @@ class SourceConfig:
     hysteresis: HysteresisConfig = field(default_factory=HysteresisConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     enroll: EnrollConfig = field(default_factory=EnrollConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     publish_scores: bool = False  # per-window score on <prefix>/<node>/<source>/score (QoS 0)
     # broken input (NaN, silence, clipping, a lower-rate recording) is reported and never scored
     audio_checks: AudioChecks = field(default_factory=AudioChecks)
@@ -203,6 +229,7 @@ class AgentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     # windows waiting for inference before capture drops
     queue_windows: int = field(default=32, metadata=_limits(lo=1, hi=10000))
     # filled in by load, not by the YAML:
@@ -484,8 +511,6 @@ def _check_semantics(cfg: AgentConfig, ctx: _Ctx) -> None:
         if src.retry_max_seconds < src.retry_initial_seconds:
             raise ctx.error(f"{at}.retry_max_seconds", "must be >= retry_initial_seconds",
                             src.retry_max_seconds)
-        if src.bank is None:
-            raise ctx.error(f"{at}.bank", "is required (a bank directory built by `edge-agent enroll`)")
         if src.threshold is not None and src.threshold <= 0 and src.scoring.normalizer in NONNEGATIVE_SCORES:
             raise ctx.error(f"{at}.threshold", f"{src.scoring.normalizer} scores are >= 0, so a threshold <= 0 "
                             "would alert on every window", src.threshold)

@@ -38,8 +38,10 @@ from edge_agent.agent.desired import (
 from edge_agent.agent.enroll_job import EnrollJob, build_target_bank
 from edge_agent.agent.inbound import LOCAL_FILE, InputLimits, load_json, load_yaml
 from edge_agent.agent.inference import publish_alert
+from edge_agent.agent.learning import LearnJob
 from edge_agent.agent.metrics import AgentMetrics
 from edge_agent.agent.open_episodes import OpenEpisodes
+from edge_agent.agent.operator_commands import OperatorCommands
 from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import command_result, config_result
 from edge_agent.agent.preflight import check_restart_sections
@@ -49,7 +51,6 @@ from edge_agent.agent.runtime import (
     LiveRuntime,
     Runtime,
     SourcePipeline,
-    bank_stamp,
     build_runtime,
     failed_sources_changed,
 )
@@ -64,13 +65,15 @@ log = get_logger(__name__)
 
 STATE_REFRESH_SECONDS = 60.0
 # Sections that a running agent cannot change in place; they apply at the next start.
-RESTART_FIELDS = ("node", "state_dir", "mqtt", "spool", "output", "metrics", "logging", "queue_windows")
-COMMANDS = ("acknowledge", "enroll", "reload", "status")
+RESTART_FIELDS = ("node", "state_dir", "mqtt", "spool", "output", "metrics", "logging", "queue_windows", "evidence")
+COMMANDS = ("acknowledge", "clip", "enroll", "feedback", "learn", "rebuild", "reload", "status")
 TRIAL_TICK_SECONDS = 0.5  # how often a config on trial is checked
 MAX_DEFERRED_PUSHES = 16
 MAX_PEEK_BYTES = 1 << 20
 # The arguments each command takes besides "id" (the request id, a string of at most MAX_REQUEST_ID characters).
-COMMAND_ARGUMENTS = {"acknowledge": ("what",), "enroll": ("source", "windows", "cancel"), "reload": (), "status": ()}
+COMMAND_ARGUMENTS = {"acknowledge": ("what",), "enroll": ("source", "windows", "cancel"), "reload": (), "status": (),
+                     "clip": ("event_id", "chunk_bytes"), "feedback": ("event_id", "label", "note", "undo"),
+                     "learn": ("source", "minutes", "domain", "cancel"), "rebuild": ("source",)}
 MAX_REQUEST_ID = 128
 
 
@@ -114,8 +117,9 @@ class ControlPlane:
     def __init__(self, cfg: AgentConfig, config_path: Path | None, live: LiveRuntime, outputs: Outputs,
                  metrics: AgentMetrics, notifier: SystemdNotifier, requests: queue.Queue[ControlRequest | None],
                  start_sources: Callable[[Runtime], None], request_restart: Callable[[str], None],
-                 episodes: OpenEpisodes, startup: Startup | None = None) -> None:
+                 episodes: OpenEpisodes, operator: OperatorCommands, startup: Startup | None = None) -> None:
         self.episodes = episodes
+        self.operator = operator
         self.cfg = cfg
         self.config_path = config_path
         self.files = TrialFiles(config_path) if config_path is not None else None
@@ -295,6 +299,7 @@ class ControlPlane:
 
     def _tick_trial(self) -> None:
         self._retry_failed_sources()
+        self.operator.ensure_learning()
         trial = self.trial
         if trial is None:
             if self._remember_good_later and self.files is not None and self._healthy_now():
@@ -557,6 +562,7 @@ class ControlPlane:
         closed: list[tuple[SourcePipeline, dict[str, Any]]] = []
         abandoned: list[tuple[str, EnrollJob]] = []
         removed: list[tuple[str, EnrollJob]] = []
+        learning_lost: list[tuple[str, LearnJob, str]] = []
         with self.live.lock:
             old = self.live.current
             kept = {id(p.source) for p in new.pipelines.values()}
@@ -568,18 +574,28 @@ class ControlPlane:
                         pipeline.enroll = previous.enroll
                     else:  # embeddings recorded so far belong to other encoders
                         abandoned.append((name, previous.enroll))
+                if previous is not None and previous.learn is not None:
+                    if previous.source is pipeline.source and previous.context.model == pipeline.context.model:
+                        pipeline.learn = previous.learn
+                    else:
+                        learning_lost.append((name, previous.learn, "the models or the capture changed"))
             now = time.time()
             for name, pipeline in old.pipelines.items():
                 if name not in new.pipelines:
                     closed += [(pipeline, event) for event in pipeline.tracker.close(now, reason="source_removed")]
                     if pipeline.enroll is not None:
                         removed.append((name, pipeline.enroll))
+                    if pipeline.learn is not None:
+                        learning_lost.append((name, pipeline.learn, "the source was removed by a new config"))
             self.live.current = new
             # Sections that need a restart keep their running values until then.
             self.cfg = dataclasses.replace(new_cfg, **{name: getattr(self.cfg, name) for name in restart})
         for pipeline, event in closed:
+            self.operator.recorder.close(pipeline.cfg.name, [event], now)
             publish_alert(self.outputs, self.metrics, pipeline, event)
             self.episodes.set(pipeline.cfg.name, None)
+        for name, learn, reason in learning_lost:
+            self.operator.abandon_learning(name, learn, reason)
         for name, job in abandoned:
             self._abandon(name, job, "the models changed while enrolling; enroll again")
         for name, job in removed:
@@ -625,6 +641,14 @@ class ControlPlane:
                                                                    result=self._cancel_enroll(args)))
             elif name == "enroll":
                 self._start_enroll(args, request_id)
+            elif name == "clip":
+                self.operator.clip(args, request_id)
+            elif name == "feedback":
+                self.operator.feedback(args, request_id)
+            elif name == "learn":
+                self.operator.learn(args, request_id)
+            elif name == "rebuild":
+                self.operator.rebuild(args, request_id)
         except ConfigError as exc:
             log.warning("command_refused", command=name, request_id=request_id, path=exc.path, error=exc.message)
             self.outputs.publish_command_result(command_result(name, False, request_id, error=_command_error(exc)))
@@ -645,6 +669,8 @@ class ControlPlane:
         count = args.get("windows", pipeline.cfg.enroll.windows)
         if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= 10000:
             raise ConfigError("windows", "must be an integer in [2, 10000]", count)
+        if pipeline.bank is None:
+            raise ConfigError("source", "is learning its first bank; enroll once it monitors", name)
         with self.live.lock:
             if pipeline.enroll is not None:
                 raise ConfigError("source", "is already enrolling; cancel with {\"cancel\": true} first", name)
@@ -697,27 +723,14 @@ class ControlPlane:
 
     def _rebuild_target(self, name: str, job: EnrollJob) -> dict[str, Any]:
         pipeline = self.live.current.pipelines[name]
-        assert pipeline.cfg.bank is not None  # parse_config requires it
-        enrolled = build_target_bank(pipeline.cfg.bank, pipeline.bank, job, pipeline.scoring, pipeline.cfg.enroll)
-        calibrated = float(enrolled.threshold["value"])
-        bank_sha256 = enrolled.banks.content_hash()
-        bank_id = bank_sha256[:12]
-        with self.live.lock:
-            current = self.live.current.pipelines.get(name)
-            if current is None:
-                raise EdgeAsdError(f"source {name!r} was removed while enrolling")
-            value = calibrated if current.cfg.threshold is None else float(current.cfg.threshold)
-            context = dataclasses.replace(current.context, bank=bank_id, threshold=value)
-            current.tracker.reconfigure(context, current.cfg.hysteresis)
-            new = dataclasses.replace(current, bank=enrolled.banks, scorer=enrolled.scorer, bank_id=bank_id,
-                                      bank_sha256=bank_sha256,
-                                      threshold=value, context=context, bank_stamp=bank_stamp(pipeline.cfg.bank))
-            runtime = self.live.current
-            self.live.current = dataclasses.replace(runtime, pipelines={**runtime.pipelines, name: new})
-        log.info("enrolled", source=name, target_refs=job.windows, bank=bank_id, threshold=round(value, 4))
-        return {"source": name, "bank": bank_id, "bank_path": str(pipeline.cfg.bank),
-                "target_windows": job.windows, "threshold": value, "calibrated_threshold": calibrated,
-                "memmixup": pipeline.cfg.enroll.memmixup}
+        assert pipeline.bank is not None  # an enroll needs a bank
+        enrolled = build_target_bank(pipeline.bank_path, pipeline.bank, job, pipeline.scoring, pipeline.cfg.enroll)
+        result = self.operator.install(name, enrolled, pipeline.bank_path)
+        log.info("enrolled", source=name, target_refs=job.windows, bank=result["bank"],
+                 threshold=round(result["threshold"], 4))
+        return {"source": name, "bank": result["bank"], "bank_path": result["bank_path"],
+                "target_windows": job.windows, "threshold": result["threshold"],
+                "calibrated_threshold": result["calibrated_threshold"], "memmixup": pipeline.cfg.enroll.memmixup}
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -735,6 +748,14 @@ class ControlPlane:
         if self.startup.problem:
             state["config"]["problem"] = self.startup.problem
         self._desired_state(state)
+        pipelines = self.live.current.pipelines
+        for entry in state["sources"]:
+            pipeline = pipelines.get(entry["name"])
+            if pipeline is not None:
+                entry["learning"] = self.operator.learning_state(pipeline)
+                entry["drift"] = pipeline.drift.snapshot()
+        if self.operator.store is not None:
+            state["evidence"] = self.operator.store.usage()
         return state
 
     def _desired_state(self, state: dict[str, Any]) -> None:

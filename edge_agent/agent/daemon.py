@@ -26,15 +26,19 @@ from edge_agent.agent.connection import tls_context
 from edge_agent.agent.control import ControlPlane, ControlRequest, Startup
 from edge_agent.agent.desired import DesiredState, with_overlay
 from edge_agent.agent.episodes import end_after_restart
+from edge_agent.agent.evidence import EvidenceStore
 from edge_agent.agent.inbound import LOCAL_FILE, load_yaml
 from edge_agent.agent.inference import InferenceLoop, publish_alert
 from edge_agent.agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.agent.open_episodes import OpenEpisodes
+from edge_agent.agent.operator_commands import OperatorCommands
 from edge_agent.agent.outputs import make_outputs
+from edge_agent.agent.payloads import command_result
 from edge_agent.agent.preflight import check_directories
+from edge_agent.agent.recorder import EvidenceRecorder
 from edge_agent.agent.runtime import LiveRuntime, Runtime, build_runtime
 from edge_agent.agent.sdnotify import SystemdNotifier
-from edge_agent.agent.state import runtime_metrics
+from edge_agent.agent.state import evidence_metrics, runtime_metrics
 from edge_agent.agent.trial import Rollback, TrialFiles
 from edge_agent.audio.windowing import Window
 from edge_agent.errors import ConfigError, EdgeAsdError
@@ -63,11 +67,20 @@ class Agent:
         self.outputs = make_outputs(cfg, lambda kind, name, payload: self.requests.put(
             ControlRequest(kind, name, payload)))
         self.episodes = OpenEpisodes(cfg.state_dir)
+        self.evidence = EvidenceStore(cfg.state_dir / "evidence", cfg.evidence, cfg.node) \
+            if cfg.evidence.enabled else None
+        self.recorder = EvidenceRecorder(self.evidence, cfg.evidence)
+        self.operator = OperatorCommands(lambda: self.control.cfg, self.live, self.outputs, self.evidence,
+                                         self.recorder, lambda: self.requests.put(ControlRequest("state")))
         self.control = ControlPlane(cfg, config_path, self.live, self.outputs, self.metrics, self.notifier,
-                                    self.requests, self._start_sources, self.request_restart, self.episodes, startup)
+                                    self.requests, self._start_sources, self.request_restart, self.episodes,
+                                    self.operator, startup)
         self.inference = InferenceLoop(self.live, self.windows, self.outputs, self.metrics, self.control.enroll_ready,
-                                       self.episodes)
+                                       self.episodes, self.recorder, self.operator.learn_ready)
         self.metrics.add_collector(lambda: runtime_metrics(self.live.current, self.outputs.delivery()))
+        if self.evidence is not None:
+            store = self.evidence
+            self.metrics.add_collector(lambda: evidence_metrics(store.usage()))
         self.metrics_server: MetricsServer | None = None
 
     @property
@@ -127,13 +140,19 @@ class Agent:
         return 0
 
     def _end_episodes_left_open(self) -> None:
-        """A crash or power cut left these episodes open: end them, so that every `new` has its `end`."""
+        """A crash or power cut left these episodes open: end them, so that every `new` has its `end` (with the
+        clip recorded until then, when its audio could be recovered)."""
+        recovered = set(self.evidence.recover()) if self.evidence is not None else set()
         for source, snapshot in self.episodes.left_open().items():
             try:
                 event = end_after_restart(snapshot)
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("episode_not_ended", source=source, error=f"saved episode unreadable: {exc!r}")
                 continue
+            info = self.evidence.get(event["event_id"]) if self.evidence is not None and \
+                event["event_id"] in recovered else None
+            if info is not None:
+                event["clip"] = {"status": "ready", **info.ref().as_dict()}
             self.metrics.alerts.labels(source=source, type="end").inc()
             log.info("alert", type="end", source=source, event_id=event["event_id"], reason="restarted",
                      end=event["end"])
@@ -178,7 +197,15 @@ class Agent:
         with self.live.lock:
             closed = [(p, event) for p in self.runtime.pipelines.values()
                       for event in p.tracker.close(now, reason="stopped")]
+            learning = [p.learn for p in self.runtime.pipelines.values() if p.learn is not None]
+        for job in learning:  # the audio recorded so far is kept (a `rebuild` can use it)
+            if job.writer is not None:
+                job.writer.finish(None, "stopped")
+            self.outputs.publish_command_result(command_result(
+                "learn", False, job.request_id, error=f"source {job.source!r}: the agent stopped after "
+                f"{job.windows} window(s) of learning"))
         for pipeline, event in closed:
+            self.recorder.close(pipeline.cfg.name, [event], now)
             publish_alert(self.outputs, self.metrics, pipeline, event)
         self.episodes.clear()
         self.control.publish_state(force=True, status=status)

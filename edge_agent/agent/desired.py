@@ -27,8 +27,8 @@ log = get_logger(__name__)
 
 DOCUMENT_KEYS = ("version", "id", "target", "config", "signature")
 OVERLAY_KEYS = ("model", "models", "sources")
-SOURCE_KEYS = ("bank", "threshold", "hysteresis", "scoring", "enroll", "publish_scores", "audio_checks",
-               "window_seconds", "hop_seconds")
+SOURCE_KEYS = ("bank", "threshold", "hysteresis", "scoring", "enroll", "learn", "feedback", "drift",
+               "publish_scores", "audio_checks", "window_seconds", "hop_seconds")
 MODEL_KEYS = ("path", "providers", "intra_op_threads")
 ARTIFACT_KEYS = ("url", "sha256", "size", "version")
 EVERY_SOURCE = "*"

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent.enroll_job import EnrollJob
+from edge_agent.agent.learning import LearnJob
 from edge_agent.agent.metrics import AgentMetrics
 from edge_agent.agent.open_episodes import OpenEpisodes
 from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import score_payload
+from edge_agent.agent.recorder import EvidenceRecorder
 from edge_agent.agent.runtime import LiveRuntime, SourcePipeline
 from edge_agent.audio.windowing import Window
 from edge_agent.clock import iso_time
@@ -33,6 +35,7 @@ BATCH_MAX = 8  # windows embedded in one ONNX call when several are waiting
 STUCK_SECONDS = 60.0  # a batch running longer than this makes the loop unhealthy (no watchdog ping)
 
 EnrollReady = Callable[[str, EnrollJob], None]
+LearnReady = Callable[[str, LearnJob], None]
 
 
 @dataclass
@@ -43,6 +46,8 @@ class _Decision:
     events: list[dict[str, Any]]
     decide_seconds: float
     episode: dict[str, Any] | None  # the source's open episode after this window, as saved for a restart
+    embeddings: list[dict[str, np.ndarray]]  # this window's, per member model {layer: [D]}
+    episode_start: float | None  # the open episode's first window (None: no episode open)
 
 
 def publish_alert(outputs: Outputs, metrics: AgentMetrics, pipeline: SourcePipeline, event: dict[str, Any]) -> None:
@@ -55,8 +60,11 @@ def publish_alert(outputs: Outputs, metrics: AgentMetrics, pipeline: SourcePipel
 
 class InferenceLoop:
     def __init__(self, live: LiveRuntime, windows: queue.Queue[Window], outputs: Outputs, metrics: AgentMetrics,
-                 on_enroll_ready: EnrollReady, episodes: OpenEpisodes) -> None:
+                 on_enroll_ready: EnrollReady, episodes: OpenEpisodes, recorder: EvidenceRecorder,
+                 on_learn_ready: LearnReady) -> None:
         self.live = live
+        self.recorder = recorder
+        self.on_learn_ready = on_learn_ready
         self.episodes = episodes
         self.windows = windows
         self.outputs = outputs
@@ -120,16 +128,20 @@ class InferenceLoop:
         stage.labels(stage="embed").observe(t_embedded - t_resampled)
         decisions: list[_Decision] = []
         ready: list[tuple[str, EnrollJob]] = []
+        learned: list[tuple[str, LearnJob]] = []
         try:
-            self._decide(models, live, embs, decisions, ready)
+            self._decide(models, live, embs, decisions, ready, learned)
         finally:  # what was decided is published even if a later source of the batch failed
             for name, job in ready:
                 self.on_enroll_ready(name, job)
+            for name, learn in learned:
+                self.on_learn_ready(name, learn)
             for decision in decisions:
                 self._publish(decision)
 
     def _decide(self, models: ModelSet, live: list[Window], embs: list[dict[str, np.ndarray]],
-                decisions: list[_Decision], ready: list[tuple[str, EnrollJob]]) -> None:
+                decisions: list[_Decision], ready: list[tuple[str, EnrollJob]],
+                learned: list[tuple[str, LearnJob]]) -> None:
         stage = self.metrics.stage_seconds
         with self.live.lock:
             runtime = self.live.current  # a swap may have happened while embedding: decide with the newest
@@ -142,18 +154,36 @@ class InferenceLoop:
                     continue
                 rows = [i for i, w in enumerate(live) if w.source == name]
                 subs = [{layer: values[rows] for layer, values in emb.items()} for emb in embs]
+                learn = pipeline.learn
+                if learn is not None:
+                    learn.faults = sum(dict(pipeline.source.health.faults).values()) - learn.faults_at_start
+                    for j, row in enumerate(rows):
+                        if learn.writer is not None:
+                            window = live[row]
+                            learn.writer.add_window(window.start_time, window.samples, window.sample_rate, None,
+                                                    None, in_episode=False)
+                        if learn.collect(live[row].start_time, [{k: v[j] for k, v in sub.items()} for sub in subs]):
+                            pipeline.learn = None
+                            learned.append((name, learn))
+                            break
+                if pipeline.scorer is None:  # learning its first bank: nothing to score against yet
+                    continue
                 t0 = time.monotonic()
                 scores = pipeline.scorer.score(subs)
                 stage.labels(stage="score").observe(time.monotonic() - t0)
                 job = pipeline.enroll
-                if job is not None and job.collect(pipeline.bank, subs):
+                if job is not None and pipeline.bank is not None and job.collect(pipeline.bank, subs):
                     pipeline.enroll = None
                     ready.append((name, job))
-                for row, score in zip(rows, scores, strict=True):
+                for j, (row, score) in enumerate(zip(rows, scores, strict=True)):
                     t0 = time.monotonic()
                     events = pipeline.tracker.observe(live[row].start_time, float(score))
+                    pipeline.drift.observe(float(score))
+                    episode = pipeline.tracker.episode
                     decisions.append(_Decision(pipeline, live[row], float(score), events, time.monotonic() - t0,
-                                               pipeline.tracker.snapshot(live[row].start_time)))
+                                               pipeline.tracker.snapshot(live[row].start_time),
+                                               [{k: v[j] for k, v in sub.items()} for sub in subs],
+                                               episode.start if episode is not None else None))
 
     def _publish(self, d: _Decision) -> None:
         t0 = time.monotonic()
@@ -162,6 +192,12 @@ class InferenceLoop:
         # cost a second `end`, never a missing one.
         if d.episode is not None:
             self.episodes.set(name, d.episode)
+        try:
+            self.recorder.window(name, window, d.score, d.embeddings, d.events, pipeline.cfg.hop_seconds,
+                                 d.episode_start, {"model": pipeline.context.model, "bank": pipeline.context.bank,
+                                                   "threshold": pipeline.threshold})
+        except Exception:  # evidence must never cost an alert
+            log.exception("evidence_failed", source=name)
         for event in d.events:
             publish_alert(self.outputs, self.metrics, pipeline, event)
         if d.episode is None:

@@ -86,6 +86,11 @@ class Topics:
     def config_desired(self) -> str:
         return self._t("config", "desired")
 
+    @property
+    def clip(self) -> str:
+        """Evidence clips in chunks, answering `cmd/clip`."""
+        return self._t("clip")
+
     def group_desired(self, group: str) -> str:
         return f"{self.prefix}/group/{group}/config/desired"
 
@@ -397,8 +402,9 @@ class MqttPublisher:
 
 def homeassistant_discovery(topics: Topics, discovery_prefix: str, sources: list[tuple[str, bool]],
                             model_id: str) -> dict[str, str]:
-    """Discovery configs: per source a `problem` binary sensor on the alert topic, and a score sensor
-    when the source publishes scores. Available only while the node's status is `online`."""
+    """Discovery configs: per source a `problem` binary sensor on the alert topic, a learning-progress sensor and
+    a drift `problem` sensor read from the state, and a score sensor when the source publishes scores; per node an
+    acknowledge button (dropped alerts). Available only while the node's status is `online`."""
     node = topics.node
     device = {"identifiers": [f"edge-asd-{node}"], "name": f"edge-asd {node}", "manufacturer": "edge-asd",
               "model": model_id}
@@ -412,11 +418,28 @@ def homeassistant_discovery(topics: Topics, discovery_prefix: str, sources: list
             "state_topic": topics.alert(source), "device_class": "problem",
             "value_template": "{{ 'OFF' if value_json.type == 'end' else 'ON' }}",
             "json_attributes_topic": topics.alert(source), "availability": availability, "device": device})
+        mine = f"(value_json.sources | selectattr('name', 'eq', '{source}') | list | first)"
+        out[f"{discovery_prefix}/sensor/{object_id}/learning/config"] = _dumps({
+            "name": f"{source} learning", "unique_id": f"edge-asd-{node}-{source}-learning",
+            "state_topic": topics.state, "unit_of_measurement": "%", "entity_category": "diagnostic",
+            "value_template": f"{{% set s = {mine} %}}{{{{ s.learning.percent if s and s.learning and "
+                              "s.learning.active else (100 if s and s.monitoring else 0) }}",
+            "availability": availability, "device": device})
+        out[f"{discovery_prefix}/binary_sensor/{object_id}/drift/config"] = _dumps({
+            "name": f"{source} drifting", "unique_id": f"edge-asd-{node}-{source}-drift",
+            "state_topic": topics.state, "device_class": "problem", "entity_category": "diagnostic",
+            "value_template": f"{{% set s = {mine} %}}{{{{ 'ON' if s and s.drift and s.drift.status == 'drifting' "
+                              "else 'OFF' }}",
+            "availability": availability, "device": device})
         if scores:
             out[f"{discovery_prefix}/sensor/{object_id}/score/config"] = _dumps({
                 "name": f"{source} anomaly score", "unique_id": f"edge-asd-{node}-{source}-score",
                 "state_topic": topics.score(source), "value_template": "{{ value_json.score }}",
                 "state_class": "measurement", "availability": availability, "device": device})
+    out[f"{discovery_prefix}/button/{node.replace('.', '_')}/acknowledge/config"] = _dumps({
+        "name": "acknowledge dropped alerts", "unique_id": f"edge-asd-{node}-acknowledge",
+        "command_topic": topics._t("cmd", "acknowledge"), "payload_press": '{"what": "drops"}',
+        "availability": availability, "device": device})
     return out
 
 

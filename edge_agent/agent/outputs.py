@@ -59,6 +59,7 @@ class Outputs(Protocol):
     def publish_score(self, source: str, payload: dict[str, Any]) -> None: ...
     def publish_config_result(self, payload: dict[str, Any]) -> None: ...
     def publish_command_result(self, payload: dict[str, Any]) -> None: ...
+    def publish_clip_chunk(self, payload: dict[str, Any]) -> None: ...
     def set_state(self, state: dict[str, Any]) -> None: ...
     def set_sources(self, runtime: Runtime) -> None: ...
     def delivery(self) -> DeliveryStats: ...
@@ -107,6 +108,9 @@ class MqttOutputs:
 
     def publish_command_result(self, payload: dict[str, Any]) -> None:
         self.publisher.publish_result(self.topics.cmd_result, payload)
+
+    def publish_clip_chunk(self, payload: dict[str, Any]) -> None:
+        self.publisher.publish_result(self.topics.clip, payload)
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.publisher.set_state(state)
@@ -187,6 +191,9 @@ class JsonlOutputs:
 
     def publish_command_result(self, payload: dict[str, Any]) -> None:
         log.info("command_result", result=payload)
+
+    def publish_clip_chunk(self, payload: dict[str, Any]) -> None:
+        pass  # commands arrive over MQTT only: without a broker nobody asks for a clip
 
     def set_state(self, state: dict[str, Any]) -> None:
         pass

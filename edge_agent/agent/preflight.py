@@ -27,8 +27,10 @@ def check_restart_sections(new: AgentConfig, changed: list[str]) -> None:
 
 
 def check_directories(cfg: AgentConfig) -> None:
-    """The directories the agent writes (state, spool or JSONL output) can be created and take files."""
+    """The directories the agent writes (state, evidence, spool or JSONL output) can be created and take files."""
     _writable("state_dir", cfg.state_dir)
+    if cfg.evidence.enabled:
+        _writable("evidence", cfg.state_dir / "evidence")
     if cfg.mqtt is not None:
         _writable("spool.dir", cfg.spool_dir)
     else:

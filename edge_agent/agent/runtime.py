@@ -7,6 +7,7 @@ holds the runtime in use and the lock that orders swaps against the hot loop's d
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -14,17 +15,26 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.agent.config import AgentConfig, SourceConfig
+from edge_agent.agent.drift import DriftTracker
 from edge_agent.agent.enroll_job import EnrollJob
 from edge_agent.agent.episodes import EpisodeTracker
+from edge_agent.agent.learning import LearnJob
 from edge_agent.agent.payloads import AlertContext
 from edge_agent.agent.sources import AudioSource, make_source
 from edge_agent.errors import ConfigError, EdgeAsdError
+from edge_agent.logs import get_logger
 from edge_agent.model.encoder import Encoder
 from edge_agent.model.model_set import ModelSet
 from edge_agent.scoring.bank import BANK_JSON
 from edge_agent.scoring.bank_set import ENSEMBLE_JSON, BankSet, load_banks
 from edge_agent.scoring.config import ScoringConfig
 from edge_agent.scoring.scorer import Scorer
+
+log = get_logger(__name__)
+
+# Above this many source refs the drift's calibration is not computed at every load (a leave-one-out search per
+# ref): the drift is then judged on the fraction of windows over the threshold only.
+MAX_CALIBRATION_REFS = 20_000
 
 # Fields of a source whose change needs a new capture; any other change keeps the running capture.
 CAPTURE_FIELDS = ("type", "path", "realtime", "loop", "device", "sample_rate", "channels", "channel",
@@ -36,20 +46,28 @@ CAPTURE_FIELDS = ("type", "path", "realtime", "loop", "device", "sample_rate", "
 class SourcePipeline:
     cfg: SourceConfig
     source: AudioSource
-    bank: BankSet  # one bank per model of the runtime's model set
+    bank: BankSet | None  # one bank per model of the runtime's model set; None while learning the first one
     bank_id: str
-    scorer: Scorer
+    scorer: Scorer | None
     threshold: float
-    threshold_origin: str  # "config" | "bank"
+    threshold_origin: str  # "config" | "bank" | "learning"
     tracker: EpisodeTracker
     context: AlertContext
+    bank_path: Path  # where the bank is (sources.bank, or <state_dir>/banks/<source> when learned on site)
+    drift: DriftTracker
     enroll: EnrollJob | None = None
+    learn: LearnJob | None = None
     bank_stamp: tuple[int, int, int] | None = None
     bank_sha256: str = ""  # content hash of the banks (bank_id is its first 12 characters)
 
     @property
     def scoring(self) -> ScoringConfig:
         return self.cfg.scoring
+
+    @property
+    def learning(self) -> bool:
+        """No bank yet: the source records to learn its first one."""
+        return self.bank is None
 
 
 @dataclass(frozen=True)
@@ -108,28 +126,37 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
     for i, src in enumerate(cfg.sources):
         at = f"sources[{i}]"
         old = previous.pipelines.get(src.name) if previous is not None else None
-        stamp = bank_stamp(src.bank)
-        if old is not None and old.cfg.bank == src.bank and old.bank_stamp == stamp and old.scoring == src.scoring \
+        path = bank_path(cfg, src)
+        stamp = bank_stamp(path)
+        banks: BankSet | None
+        scorer: Scorer | None
+        if old is not None and old.bank_path == path and old.bank_stamp == stamp and old.scoring == src.scoring \
                 and old.context.model == models.model_id:
             banks, scorer, bank_sha256 = old.bank, old.scorer, old.bank_sha256
+        elif src.bank is None and stamp is None:  # nothing learned yet: the source learns its first bank
+            banks, scorer, bank_sha256 = None, None, ""
         else:
-            assert src.bank is not None  # parse_config requires it
             try:
                 try:
-                    banks = load_banks(src.bank, models.members)
+                    banks = load_banks(path, models.members)
                     scorer = Scorer.fit(banks.banks, src.scoring)
                 except ConfigError as exc:
                     raise exc.under(at).in_source(cfg.source_file) from None
                 except EdgeAsdError as exc:
                     raise ConfigError(f"{at}.bank", str(exc), source=cfg.source_file) from None
             except ConfigError as exc:
-                if not isolate:
+                if src.bank is None:  # a bank learned on site that no longer fits (another model): learn again
+                    log.warning("learned_bank_unusable", source=src.name, path=str(path), error=exc.message)
+                    banks, scorer = None, None
+                elif not isolate:
                     raise
-                failed[src.name] = FailedSource(src, exc, stamp)
-                continue
-            bank_sha256 = banks.content_hash()
+                else:
+                    failed[src.name] = FailedSource(src, exc, stamp)
+                    continue
+            bank_sha256 = banks.content_hash() if banks is not None else ""
         try:
-            threshold, origin = _threshold(src, banks, at, cfg.source_file)
+            threshold, origin = _threshold(src, banks, at, cfg.source_file) if banks is not None \
+                else (math.nan, "learning")
         except ConfigError as exc:
             if not isolate:
                 raise
@@ -145,8 +172,12 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
             source = make_source(src, models.capture_rate)
             fresh.append(source)
         tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
+        if old is not None and old.bank is banks and old.threshold == threshold and old.cfg.drift == src.drift:
+            drift = old.drift
+        else:
+            drift = make_drift(src, banks, scorer, threshold, origin)
         pipelines[src.name] = SourcePipeline(src, source, banks, bank_id, scorer, threshold, origin, tracker,
-                                             context, bank_stamp=stamp, bank_sha256=bank_sha256)
+                                             context, path, drift, bank_stamp=stamp, bank_sha256=bank_sha256)
     if not pipelines:  # nothing would be monitored: that is a config that cannot start
         raise next(iter(failed.values())).error
     return Runtime(cfg, models, pipelines, fresh, failed)
@@ -154,7 +185,27 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
 
 def failed_sources_changed(runtime: Runtime) -> list[str]:
     """The failed sources whose bank files changed since they failed (worth another try)."""
-    return [name for name, f in runtime.failed.items() if bank_stamp(f.cfg.bank) != f.bank_stamp]
+    return [name for name, f in runtime.failed.items() if bank_stamp(bank_path(runtime.cfg, f.cfg)) != f.bank_stamp]
+
+
+def bank_path(cfg: AgentConfig, src: SourceConfig) -> Path:
+    """The bank of a source: `sources[].bank`, or the one learned on site under the state dir."""
+    return src.bank if src.bank is not None else cfg.state_dir / "banks" / src.name
+
+
+def make_drift(src: SourceConfig, banks: BankSet | None, scorer: Scorer | None, threshold: float,
+               origin: str) -> DriftTracker:
+    """The drift tracker of a source, against its bank's calibration (the leave-one-out scores of its refs)."""
+    calibration = None
+    if scorer is not None and banks is not None and banks.count_raw("source") <= MAX_CALIBRATION_REFS:
+        calibration = scorer.loo_scores()
+    expected = None
+    if origin == "bank" and banks is not None:
+        quantile = (banks.threshold or {}).get("quantile")
+        if isinstance(quantile, (int, float)) and 0 < quantile < 1:
+            expected = 1.0 - float(quantile)
+    # While learning there is no threshold (NaN) and no score to judge: a placeholder keeps the tracker valid.
+    return DriftTracker(src.drift, calibration, threshold if math.isfinite(threshold) else 0.0, expected)
 
 
 def bank_stamp(directory: Path | None) -> tuple[int, int, int] | None:
@@ -176,7 +227,7 @@ def _threshold(src: SourceConfig, banks: BankSet, at: str, file: str) -> tuple[f
         return float(src.threshold), "config"
     value = (banks.threshold or {}).get("value")
     if not isinstance(value, (int, float)):
-        raise ConfigError(f"{at}.threshold", f"bank {src.bank} has no calibrated threshold; set one here",
+        raise ConfigError(f"{at}.threshold", f"bank {banks.path} has no calibrated threshold; set one here",
                           source=file)
     return float(value), "bank"
 

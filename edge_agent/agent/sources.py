@@ -229,11 +229,12 @@ class FileSource(AudioSource):
         if self._windower is None or self._windower.sample_rate != rate:
             self._windower = Windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds)
         block = max(1, round(self.cfg.block_seconds * rate))
-        # Fast replay runs ahead of the wall clock: never let a new file start before the last one ended.
+        # Replayed audio is stamped in audio time: one second of a recording spans one second of stamps whatever
+        # the replay speed, and a file never starts before the last one ended. (Evidence clips place samples by
+        # these stamps; at speed > 1 they run ahead of the wall clock.)
         t0 = max(time.time(), self._clock_end)
-        step = self.cfg.speed if self.cfg.realtime else 1.0
-        self._clock_end = t0 + len(audio) / rate / step
-        pace = t0 if self.cfg.realtime else None
+        self._clock_end = t0 + len(audio) / rate
+        pace = time.time() if self.cfg.realtime else None
         for offset in range(0, len(audio), block):
             if self._stop.is_set():
                 return
@@ -242,9 +243,7 @@ class FileSource(AudioSource):
                 delay = due - time.time()
                 if delay > 0 and self._stop.wait(delay):
                     return
-            # Replayed audio is stamped as if captured now at the configured speed.
-            start = t0 + offset / rate / step
-            self._emit(audio[offset: offset + block], start, gap=offset == 0)
+            self._emit(audio[offset: offset + block], t0 + offset / rate, gap=offset == 0)
 
 
 class StdinSource(AudioSource):

@@ -20,18 +20,22 @@ from edge_agent.model.model_set import ModelSet
 
 def agent_state(runtime: Runtime, node: str, started_at: float, delivery: DeliveryStats,
                 status: str) -> dict[str, Any]:
-    sources = []
+    sources: list[dict[str, Any]] = []
     degraded = False
     for p in runtime.pipelines.values():
         health = p.source.health.as_dict()
         degraded |= health["state"] in ("lost", "failed", "degraded")
         sources.append({
             "name": p.cfg.name, "type": p.cfg.type,
-            "bank": {"id": p.bank_id, "sha256": p.bank_sha256, "path": str(p.cfg.bank), "created_at": p.bank.created_at,
-                     "counts": {"source": p.bank.count_raw("source"), "target": p.bank.count_raw("target")}},
-            "threshold": p.threshold, "threshold_origin": p.threshold_origin,
+            "bank": {"id": p.bank_id or None, "sha256": p.bank_sha256 or None, "path": str(p.bank_path),
+                     "created_at": p.bank.created_at if p.bank is not None else None,
+                     "counts": {"source": p.bank.count_raw("source"), "target": p.bank.count_raw("target")}
+                     if p.bank is not None else {}},
+            "threshold": None if p.bank is None and p.cfg.threshold is None else p.threshold,
+            "threshold_origin": p.threshold_origin,
             "episode": p.tracker.episode.event_id if p.tracker.episode is not None else None,
             "enrolling": p.enroll is not None,
+            "monitoring": p.bank is not None,
             "health": health,
         })
     for f in runtime.failed.values():  # configured, but its bank did not load: reported, retried on a change
@@ -39,7 +43,7 @@ def agent_state(runtime: Runtime, node: str, started_at: float, delivery: Delive
         sources.append({
             "name": f.cfg.name, "type": f.cfg.type,
             "bank": {"id": None, "path": str(f.cfg.bank), "created_at": None, "counts": {}},
-            "threshold": None, "threshold_origin": None, "episode": None, "enrolling": False,
+            "threshold": None, "threshold_origin": None, "episode": None, "enrolling": False, "monitoring": False,
             "health": {"state": "failed", "detail": str(f.error), "overflows": 0, "dropped_windows": 0,
                        "windows": 0, "reconnects": 0, "last_frame_time": None},
         })
@@ -92,9 +96,26 @@ def runtime_metrics(runtime: Runtime, delivery: DeliveryStats) -> Iterator[Metri
                                   "Windows dropped because inference fell behind", labels=["source"])
     up = GaugeMetricFamily("edge_agent_source_up", "1 while the source delivers audio", labels=["source"])
     episode = GaugeMetricFamily("edge_agent_episode_active", "1 while an alert episode is open", labels=["source"])
+    drift_ratio = GaugeMetricFamily("edge_agent_drift_ratio", "Recent score quantile over the calibration's "
+                                    "(drift.quantile; 1 = as calibrated)", labels=["source"])
+    drift_over = GaugeMetricFamily("edge_agent_drift_over_fraction", "Fraction of the recent windows over the "
+                                   "threshold (drift.windows)", labels=["source"])
+    drifting = GaugeMetricFamily("edge_agent_drifting", "1 while the recent scores drift from the calibration",
+                                 labels=["source"])
+    learning = GaugeMetricFamily("edge_agent_learning_percent", "Progress of on-site learning (absent: not "
+                                 "learning)", labels=["source"])
     for p in runtime.pipelines.values():
         name, health = p.cfg.name, p.source.health
-        threshold.add_metric([name], p.threshold)
+        snapshot = p.drift.snapshot()
+        if snapshot["ratio"] is not None:
+            drift_ratio.add_metric([name], snapshot["ratio"])
+        if snapshot["over_fraction"] is not None:
+            drift_over.add_metric([name], snapshot["over_fraction"])
+        drifting.add_metric([name], 1.0 if snapshot["status"] == "drifting" else 0.0)
+        if p.learn is not None:
+            learning.add_metric([name], p.learn.progress()["percent"])
+        if p.bank is not None:
+            threshold.add_metric([name], p.threshold)
         overflows.add_metric([name], health.overflows)
         dropped.add_metric([name], health.dropped_windows)
         up.add_metric([name], 1.0 if health.state == "running" else 0.0)
@@ -107,7 +128,7 @@ def runtime_metrics(runtime: Runtime, delivery: DeliveryStats) -> Iterator[Metri
     for p in runtime.pipelines.values():
         for kind, count in dict(p.source.health.faults).items():
             faults.add_metric([p.cfg.name, kind], count)
-    yield from (threshold, overflows, dropped, up, episode, faults)
+    yield from (threshold, overflows, dropped, up, episode, faults, drift_ratio, drift_over, drifting, learning)
     if delivery.spool is not None:
         yield GaugeMetricFamily("edge_agent_spool_messages", "Messages waiting in the on-disk spool",
                                 value=delivery.spool.pending)
@@ -121,3 +142,17 @@ def runtime_metrics(runtime: Runtime, delivery: DeliveryStats) -> Iterator[Metri
     if delivery.broker_connected is not None:
         yield GaugeMetricFamily("edge_agent_broker_connected", "1 while connected to the MQTT broker",
                                 value=1.0 if delivery.broker_connected else 0.0)
+
+
+def evidence_metrics(usage: dict[str, int]) -> Iterator[Metric]:
+    """The evidence store's usage (`EvidenceStore.usage()`), read at scrape time."""
+    yield GaugeMetricFamily("edge_agent_evidence_bytes", "Bytes of evidence clips on disk", value=usage["bytes"])
+    yield GaugeMetricFamily("edge_agent_evidence_quota_bytes", "Quota of the evidence store (evidence.max_bytes)",
+                            value=usage["max_bytes"])
+    yield GaugeMetricFamily("edge_agent_evidence_clips", "Evidence clips on disk", value=usage["clips"])
+    yield GaugeMetricFamily("edge_agent_evidence_labelled_clips", "Evidence clips with operator feedback (kept)",
+                            value=usage["labelled"])
+    yield CounterMetricFamily("edge_agent_evidence_evicted_total", "Evidence clips deleted by the quota since the "
+                              "start", value=usage["evicted"])
+    yield CounterMetricFamily("edge_agent_evidence_write_errors_total", "Evidence clips lost to disk errors since "
+                              "the start", value=usage["write_errors"])

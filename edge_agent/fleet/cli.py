@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import EdgeAsdError
-from edge_agent.fleet import alerts, commands, keygen, push, status
+from edge_agent.fleet import alerts, clip, commands, keygen, push, status
 from edge_agent.fleet.connection import Connection, FleetError, connection_parent, default_client_id, settings_from_args
 
 DESCRIPTION = """Operate a fleet of edge-asd nodes over MQTT (docs/fleet.md): see what every node runs, push
@@ -19,8 +19,8 @@ versioned desired documents to a node or a group (with a canary wave), follow th
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `fleet` on the top-level CLI's subparsers."""
     conn = connection_parent()
-    fleet = subparsers.add_parser("fleet", description=DESCRIPTION,
-                                  help="operate a fleet of nodes over MQTT (status, push, alerts, cmd, keygen)")
+    fleet = subparsers.add_parser("fleet", description=DESCRIPTION, help="operate a fleet of nodes over MQTT "
+                                  "(status, push, alerts, cmd, clip, feedback, keygen)")
     commands_ = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
 
     p = commands_.add_parser("status", parents=[conn], help="one row per node, from the retained status and state")
@@ -66,6 +66,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--settle", type=float, default=1.0, help="as for status: how long to read the retained messages")
 
+    p = commands_.add_parser("clip", parents=[conn], help="fetch an alert episode's evidence clip (FLAC)")
+    p.add_argument("event_id", metavar="EVENT_ID", help="the event_id of the alert")
+    p.add_argument("--node", required=True, help="the node that raised it")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write it (a directory: "
+                   "EVENT_ID.flac in it)")
+    p.add_argument("--wait", type=float, default=60.0, metavar="S", help="how long the transfer may take (default 60)")
+
+    p = commands_.add_parser("feedback", parents=[conn], help="label an alert: false_positive teaches the bank")
+    p.add_argument("event_id", metavar="EVENT_ID", help="the event_id of the alert")
+    p.add_argument("--node", required=True, help="the node that raised it")
+    verdict = p.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--label", choices=("false_positive", "true_positive"))
+    verdict.add_argument("--undo", action="store_true", help="take back the feedback given to this event")
+    p.add_argument("--note", default=None, help="a note kept with the label")
+    p.add_argument("--wait", type=float, default=60.0, metavar="S", help="how long to wait for the answer")
+    p.add_argument("--json", action="store_true")
+
     p = commands_.add_parser("keygen", help="write an ed25519 signing key, print its public key")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/fleet-signing.pem (0600)")
 
@@ -92,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
             return alerts.run(args, settings)
         if args.fleet_command == "cmd":
             return commands.run(args, settings)
+        if args.fleet_command == "clip":
+            return clip.run(args, settings)
+        if args.fleet_command == "feedback":
+            return commands.feedback(args, settings)
         raise FleetError(f"unknown fleet command {args.fleet_command!r}")
     except FleetError as exc:
         print(f"edge-agent fleet: error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ retained status and state; the ones that did not answer are reported."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import secrets
 import sys
@@ -134,3 +135,17 @@ def _send(conn: Connection, args: Any, topic: str, payload: str, request_id: str
         print("edge-agent fleet: no node is known online and none answered", file=sys.stderr)
         return 1
     return 0 if not missing and all(r["ok"] for r in rows) else 1
+
+
+def feedback(args: Any, settings: Settings) -> int:
+    """`fleet feedback EVENT_ID --node N (--label L | --undo) [--note T]`: the `feedback` command to one node."""
+    arguments: dict[str, Any] = {"event_id": args.event_id}
+    if args.undo:
+        arguments["undo"] = True
+    else:
+        arguments["label"] = args.label
+    if args.note is not None:
+        arguments["note"] = args.note
+    forwarded = argparse.Namespace(name="feedback", node=args.node, group=None, all=False, args=json.dumps(arguments),
+                                   wait=args.wait, json=args.json, settle=0.2)
+    return run(forwarded, settings)

@@ -111,10 +111,12 @@ def messages(draw: st.DrawFn) -> tuple[str, bytes, str]:
         return "config/set", payload.encode(), kind
     if kind == "raw_config":
         return "config/set", draw(st.binary(max_size=600) | st.text(max_size=600).map(str.encode)), kind
-    name = draw(st.sampled_from(["status", "enroll", "reload", "explode", "result2"]))
+    name = draw(st.sampled_from(["status", "enroll", "reload", "explode", "result2", "clip", "feedback", "learn",
+                                 "rebuild"]))
     if kind == "command":
-        args = draw(st.dictionaries(st.sampled_from(["id", "source", "windows", "cancel", "x"]), json_values,
-                                    max_size=4))
+        keys = ["id", "source", "windows", "cancel", "x", "event_id", "label", "undo", "note", "minutes", "domain",
+                "chunk_bytes"]
+        args = draw(st.dictionaries(st.sampled_from(keys), json_values, max_size=4))
         return f"cmd/{name}", json.dumps(args).encode(), kind
     return f"cmd/{name}", draw(st.binary(max_size=300)), kind
 
@@ -153,6 +155,8 @@ def test_fuzzed_control_messages_are_all_answered(live_agent: LiveAgent, message
     answers = f"{BASE}/config/result" if suffix.startswith("config/") else f"{BASE}/cmd/result"
     before = len(watcher.on(answers))
     watcher.publish(f"{BASE}/{suffix}", payload)
+    if suffix == "cmd/learn":  # a valid learn is answered when its minutes are recorded: cancel it at once
+        watcher.publish(f"{BASE}/cmd/learn", json.dumps({"cancel": True}))
     live_agent.sent += 1
     live_agent.kinds[kind] = live_agent.kinds.get(kind, 0) + 1
     if suffix == "config/desired":

@@ -1,0 +1,209 @@
+"""The operator loop with the real mn04: how long on-site learning and false-positive feedback take to take effect,
+and how much disk the evidence clips take per hour of alerts.
+
+    .venv/bin/python bench/operator_loop.py [--json-dir bench/results]
+
+Phase 1 (learn): `edge-agent run` on a synthetic fan recording (normal only, 7 min) replayed at 50x, with a source
+that has no bank: it learns 5 minutes of audio (10 s windows, 5 s hop), builds its bank on the device and
+monitors. Printed: the windows kept and left out, the bank build time, and the time from the agent's start to
+monitoring. Phase 2 (evidence, feedback): the same node (its learned bank) on a 2-minute recording of the same
+machine with a bearing fault from 60 s to 90 s, looped at 20x, publishing to a real mosquitto. Printed: the
+episodes per loop, each clip's audio seconds and bytes (FLAC at the capture rate, plus the embeddings and meta),
+the time `cmd/feedback false_positive` takes from publish to its answer (bank rebuilt and swapped), and the
+episodes per loop after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import benchlib
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.evaluation.synthetic import write_demo_recording
+
+EDGE_AGENT = benchlib.REPO / ".venv" / "bin" / "edge-agent"
+NODE = "bench-node"
+CONFIG = """\
+node: {node}
+state_dir: {state}
+model: {{path: {model}}}
+sources:
+  - name: machine
+    type: file
+    path: {recording}
+    realtime: true
+    speed: {speed}
+    loop: true
+    window_seconds: 10
+    hop_seconds: 5
+    learn: {{minutes: 5}}
+mqtt: {{host: 127.0.0.1, port: {port}}}
+metrics: {{enabled: false}}
+evidence: {{pre_roll_seconds: 10}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Bus:
+    """Every message of the node, with its arrival time."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[tuple[float, str, Any]] = []
+        self.lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-operator")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe("edge-asd/#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, c: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            payload = msg.payload.decode(errors="replace")
+        with self.lock:
+            self.messages.append((time.monotonic(), msg.topic, payload))
+
+    def on(self, suffix: str) -> list[tuple[float, Any]]:
+        with self.lock:
+            return [(t, p) for t, topic, p in self.messages if topic.endswith(suffix)]
+
+    def wait(self, predicate: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+
+def run_agent(tmp: Path, name: str, model: Path, recording: Path, speed: float, port: int) -> subprocess.Popen[bytes]:
+    config = tmp / f"{name}.yaml"
+    config.write_text(CONFIG.format(node=NODE, state=tmp / "state", model=model, recording=recording, speed=speed,
+                                    port=port))
+    return subprocess.Popen([str(EDGE_AGENT), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / f"{name}.log", "wb"))
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+def ends(bus: Bus, after: float = 0.0) -> list[dict[str, Any]]:
+    return [p for t, p in bus.on("/machine/alert") if t >= after and isinstance(p, dict) and p["type"] == "end"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json-dir", type=Path, default=None)
+    args = parser.parse_args()
+    info = benchlib.machine()
+    print(f"machine: {benchlib.machine_line(info)}\n", flush=True)
+    model = benchlib.model_path("mn04")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        normal = write_demo_recording(tmp / "normal.wav", seconds=420, anomaly_span=None, seed=1)
+        faulty = write_demo_recording(tmp / "faulty.wav", seconds=120, anomaly_span=(60.0, 90.0), seed=2)
+        port = free_port()
+        conf = tmp / "mosquitto.conf"
+        user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+        conf.write_text(f"user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\n")
+        broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        bus = Bus(port)
+        try:
+            # --- phase 1: learning ---
+            started = time.monotonic()
+            proc = run_agent(tmp, "learn", model, normal, 50, port)
+            bus.wait(lambda: bus.on("/cmd/result"), 300, "the learning's result")
+            (at, learned), = [(t, p) for t, p in bus.on("/cmd/result") if p.get("command") == "learn"]
+            if not learned["ok"]:
+                raise SystemExit(f"learning failed: {learned}")
+            result = learned["result"]
+            stop(proc)
+            learn = {"windows": result["windows"], "kept": result["kept"], "outliers": result["outliers"],
+                     "faults": result["faults"], "build_seconds": result["build_seconds"],
+                     "start_to_monitoring_s": round(at - started, 2), "audio_minutes": 5, "speed": 50,
+                     "recorded_wall_s": round(5 * 60 / 50, 1), "threshold": result["threshold"],
+                     "clip_bytes": (result.get("clip") or {}).get("bytes")}
+            # --- phase 2: evidence and feedback ---
+            loop_wall = 120 / 20
+            proc = run_agent(tmp, "monitor", model, faulty, 20, port)
+            mark = time.monotonic()
+            bus.wait(lambda: len([e for e in ends(bus, mark) if e.get("clip", {}).get("status") == "ready"]) >= 3,
+                     180, "three episodes with clips")
+            before = [e for e in ends(bus, mark) if e.get("clip", {}).get("status") == "ready"]
+            seconds_before = time.monotonic() - mark
+            first = before[0]
+            request = "bench-feedback"
+            sent = time.monotonic()
+            bus.client.publish(f"edge-asd/{NODE}/cmd/feedback", json.dumps(
+                {"id": request, "event_id": first["event_id"], "label": "false_positive"}), qos=1)
+            bus.wait(lambda: any(p.get("request_id") == request for _, p in bus.on("/cmd/result")), 120,
+                     "the feedback's answer")
+            (answered, feedback), = [(t, p) for t, p in bus.on("/cmd/result") if p.get("request_id") == request]
+            after_mark = answered
+            time.sleep(4 * loop_wall)
+            after = ends(bus, after_mark)
+            stop(proc)
+            clips = [e["clip"] for e in before]
+            store = tmp / "state" / "evidence"
+            on_disk = {c["id"]: sum(p.stat().st_size for p in store.glob(f"{c['id']}.*")) for c in clips}
+            audio_s = sum(c["duration"] for c in clips)
+            flac = sum(c["bytes"] for c in clips)
+            total = sum(on_disk.values())
+            evidence = {"clips": len(clips), "audio_seconds": round(audio_s, 1), "flac_bytes": flac,
+                        "bytes_on_disk": total, "sample_rate": clips[0]["sample_rate"],
+                        "flac_mb_per_hour_of_clip_audio": round(flac / audio_s * 3600 / 1e6, 1),
+                        "disk_mb_per_hour_of_clip_audio": round(total / audio_s * 3600 / 1e6, 1),
+                        "episodes_per_loop_before": round(len(before) / (seconds_before / loop_wall), 2)}
+            fb = {"ok": feedback["ok"], "publish_to_answer_s": round(answered - sent, 3),
+                  "rebuild_seconds": (feedback.get("result") or {}).get("seconds"),
+                  "refs_added": (feedback.get("result") or {}).get("refs_added"),
+                  "error": feedback.get("error"), "episodes_in_4_loops_after": len(after),
+                  "threshold_before": (feedback.get("result") or {}).get("previous_threshold"),
+                  "threshold_after": (feedback.get("result") or {}).get("threshold")}
+        finally:
+            bus.client.loop_stop()
+            broker.terminate()
+    print("### on-site learning (mn04, 5 min of audio at 50x, 10 s windows, 5 s hop)\n")
+    print(benchlib.table(["windows", "kept", "outliers", "faults", "bank build s", "start -> monitoring s"],
+                         [[learn["windows"], learn["kept"], learn["outliers"], learn["faults"],
+                           learn["build_seconds"], learn["start_to_monitoring_s"]]]))
+    print("\n### evidence clips (fan with a bearing fault, 30 s per 2-minute loop)\n")
+    print(benchlib.table(["clips", "audio s", "FLAC bytes", "on disk bytes", "rate Hz", "FLAC MB per h",
+                          "disk MB per h"],
+                         [[evidence["clips"], evidence["audio_seconds"], evidence["flac_bytes"],
+                           evidence["bytes_on_disk"], evidence["sample_rate"],
+                           evidence["flac_mb_per_hour_of_clip_audio"], evidence["disk_mb_per_hour_of_clip_audio"]]]))
+    print("\n### false-positive feedback on the first episode\n")
+    print(benchlib.table(["ok", "refs added", "publish -> answer s", "bank rebuild s", "threshold before -> after",
+                          "episodes per loop before", "episodes in 4 loops after"],
+                         [[fb["ok"], fb["refs_added"], fb["publish_to_answer_s"], fb["rebuild_seconds"],
+                           f"{fb['threshold_before']} -> {fb['threshold_after']}",
+                           evidence["episodes_per_loop_before"], fb["episodes_in_4_loops_after"]]]))
+    benchlib.write_json("operator_loop", {"machine": info, "learn": learn, "evidence": evidence, "feedback": fb},
+                        args.json_dir)
+
+
+if __name__ == "__main__":
+    main()
