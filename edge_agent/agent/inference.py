@@ -158,10 +158,7 @@ class InferenceLoop:
                 if learn is not None:
                     learn.faults = sum(dict(pipeline.source.health.faults).values()) - learn.faults_at_start
                     for j, row in enumerate(rows):
-                        if learn.writer is not None:
-                            window = live[row]
-                            learn.writer.add_window(window.start_time, window.samples, window.sample_rate, None,
-                                                    None, in_episode=False)
+                        learn.keep_audio(live[row])
                         if learn.collect(live[row].start_time, [{k: v[j] for k, v in sub.items()} for sub in subs]):
                             pipeline.learn = None
                             learned.append((name, learn))

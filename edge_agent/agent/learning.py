@@ -10,6 +10,7 @@ windows that look unlike the rest of the period (leave-one-out kNN outliers) and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 
 from edge_agent.agent.config import LearnConfig
 from edge_agent.agent.evidence import ClipWriter
+from edge_agent.audio.windowing import Window
 from edge_agent.clock import compact_stamp
 from edge_agent.errors import BankError
 from edge_agent.model_info import MemberModel
@@ -45,6 +47,7 @@ class LearnJob:
     embeddings: list[dict[str, list[np.ndarray]]] = field(default_factory=list)
     faults: int = 0
     writer: ClipWriter | None = None
+    open_audio: Callable[[int], ClipWriter | None] | None = None  # opens `writer` at the first window's rate
     clip_id: str | None = None
 
     @property
@@ -64,6 +67,14 @@ class LearnJob:
                 parts.setdefault(layer, []).append(np.asarray(row, dtype=np.float32))
         self.starts.append(start_time)
         return self.recorded_seconds >= self.seconds or self.windows >= MAX_LEARN_WINDOWS
+
+    def keep_audio(self, window: Window) -> None:
+        """The window's audio into the kept recording (opened at the first window, at the source's rate)."""
+        if self.writer is None and self.open_audio is not None:
+            self.writer, self.open_audio = self.open_audio(window.sample_rate), None
+        if self.writer is not None:
+            self.writer.add_window(window.start_time, window.samples, window.sample_rate, None, None,
+                                   in_episode=False)
 
     def progress(self) -> dict[str, Any]:
         percent = min(100.0, 100.0 * self.recorded_seconds / self.seconds) if self.seconds > 0 else 100.0

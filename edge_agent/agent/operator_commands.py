@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent.config import AgentConfig
-from edge_agent.agent.evidence import EvidenceStore
+from edge_agent.agent.evidence import ClipWriter, EvidenceStore
 from edge_agent.agent.learning import LearnJob, build_learned_banks
 from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import SCHEMA_VERSION, command_result
@@ -320,28 +320,29 @@ class OperatorCommands:
         job = LearnJob(name, domain, minutes * 60.0, cfg.hop_seconds, pace, request_id,
                        sum(dict(pipeline.source.health.faults).values()))
         if cfg.learn.keep_audio and self.store is not None:
+            store, model_id = self.store, self.live.current.models.model_id
             clip_id = f"learn-{compact_stamp()}-{secrets.token_hex(4)}"
-            try:
-                job.writer = self.store.open_clip(clip_id, name, self.live.current.models.capture_rate,
-                                                  {"kind": "learning", "domain": domain,
-                                                   "model": self.live.current.models.model_id,
-                                                   "window_seconds": cfg.window_seconds,
-                                                   "hop_seconds": cfg.hop_seconds},
-                                                  max_seconds=minutes * 60.0 + cfg.window_seconds)
-                job.clip_id = clip_id
-            except (OSError, ValueError) as exc:
-                log.warning("learning_audio_not_kept", source=name, error=str(exc))
+
+            def open_audio(rate: int) -> ClipWriter | None:  # at the first window: the rate is the source's
+                try:
+                    return store.open_clip(clip_id, name, rate, {
+                        "kind": "learning", "domain": domain, "model": model_id,
+                        "window_seconds": cfg.window_seconds, "hop_seconds": cfg.hop_seconds},
+                        max_seconds=minutes * 60.0 + cfg.window_seconds)
+                except (OSError, ValueError) as exc:
+                    log.warning("learning_audio_not_kept", source=name, error=str(exc))
+                    return None
+            job.open_audio = open_audio
+            job.clip_id = clip_id
         with self.live.lock:
             current = self.live.current.pipelines.get(name)
             if current is None:
                 raise ConfigError("source", "was removed meanwhile", name)
             if current.learn is not None:
-                if job.writer is not None:
-                    job.writer.abort("already learning")
                 raise ConfigError("source", "is already learning; cancel with {\"cancel\": true} first", name)
             current.learn = job
         log.info("learning_started", source=name, minutes=minutes, domain=domain, request_id=request_id,
-                 keep_audio=job.writer is not None)
+                 keep_audio=job.open_audio is not None)
         self.state_changed()
 
     def abandon_learning(self, name: str, job: LearnJob, reason: str) -> None:
