@@ -119,7 +119,9 @@ def run(args: Any, settings: Settings) -> int:
             if groups is not None:
                 topics.append((f"{prefix}/+/state", 0))  # kept current while following
             conn.subscribe(topics)
-            return _follow(conn, args, groups, stop)
+            code = _follow(conn, args, groups, stop)
+            conn.barrier()  # every event printed is acknowledged before we go
+            return code
         finally:
             conn.close()
     finally:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,20 @@ def test_clips_feedback_and_undo(two_anomalies: tuple[Node, np.ndarray], tmp_pat
     for args, path in hostile:
         answer = node.command("feedback", args)
         assert answer["ok"] is False and answer["error"].startswith(f"{path}:"), (args, answer)
+    others: list[tuple[str, dict[str, Any], str]] = [
+        ("clip", {"event_id": first["event_id"], "chunk_bytes": 10}, "chunk_bytes"),
+        ("clip", {"event_id": first["event_id"], "chunk_bytes": True}, "chunk_bytes"),
+        ("clip", {"event_id": "a/../b"}, "event_id"),
+        ("clip", {"event_id": str(uuid.uuid4())}, "event_id"),
+        ("clip", {}, "event_id"),
+        ("learn", {"source": "nope"}, "source"),
+        ("learn", {"domain": "both"}, "domain"),
+        ("learn", {"minutes": 1e9}, "minutes"),
+        ("learn", {"cancel": True}, "source"),
+        ("rebuild", {}, "source")]
+    for name, args, path in others:
+        answer = node.command(name, args)
+        assert answer["ok"] is False and answer["error"].startswith(f"{path}:"), (name, args, answer)
     assert node.proc.poll() is None
 
 
