@@ -30,9 +30,15 @@ def study(model: Path, dataset: Path, layer_sets: list[tuple[str, ...]], normali
     return table
 
 
+def _order(output: str) -> tuple[int, str]:
+    """`layer_12@gem` -> (12, "gem"): blocks in order, each block's poolings together."""
+    base, _, pooling = output.partition("@")
+    number = base.split("_")[-1]
+    return (int(number) if number.isdigit() else 99, pooling)
+
+
 def markdown(table: dict, normalizers: list[str], title: str) -> str:
-    rows = sorted({layers for layers, _ in table}, key=lambda ls: [int(x.split("_")[1]) if x[-1].isdigit() else 99
-                                                                   for x in ls])
+    rows = sorted({layers for layers, _ in table}, key=lambda ls: [_order(x) for x in ls])
     lines = [f"### {title}", "", "| layers | " + " | ".join(normalizers) + " |",
              "|---|" + "---|" * len(normalizers)]
     for layers in rows:

@@ -21,7 +21,7 @@ from edge_agent.agent import daemon
 from edge_agent.agent.config import load_config
 from edge_agent.agent.labels_export import export_labels
 from edge_agent.audio.windowing import Window
-from edge_agent.errors import EdgeAsdError
+from edge_agent.errors import ConfigError, EdgeAsdError
 from edge_agent.evaluation.dcase import parse_clip_name
 from edge_agent.evaluation.evaluate import evaluate_dataset
 from edge_agent.evaluation.progress import Progress
@@ -35,8 +35,9 @@ from edge_agent.model.model_set import ModelSet
 from edge_agent.scoring.bank import DOMAINS, MixupSpec
 from edge_agent.scoring.bank_set import describe_banks, load_banks
 from edge_agent.scoring.calibration import calibrate
-from edge_agent.scoring.config import NORMALIZERS, ScoringConfig
+from edge_agent.scoring.config import FEATURE_STATS, FUSIONS, LD_REDUCES, NORMALIZERS, ScoringConfig
 from edge_agent.scoring.enrollment import enroll
+from edge_agent.scoring.knn import METRICS
 from edge_agent.scoring.scorer import Scorer
 
 log = get_logger(__name__)
@@ -321,6 +322,23 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score normalizer (default: %(default)s)")
     parser.add_argument("--layers", default=None,
                         help="comma-separated layers to score (default: the model's default layers)")
+    defaults = ScoringConfig()
+    parser.add_argument("--metric", choices=METRICS, default=defaults.metric,
+                        help="kNN distance (default: %(default)s)")
+    parser.add_argument("--k-n", type=int, default=defaults.k_n, help="kNN: mean distance to the K_n nearest refs")
+    parser.add_argument("--k-source", type=int, default=defaults.k_source, help="ld-domain: K_S")
+    parser.add_argument("--k-target", type=int, default=defaults.k_target, help="ld-domain: K_T")
+    parser.add_argument("--ld-k", type=int, default=defaults.ld_k, help="ld: neighbours over S U T")
+    parser.add_argument("--ld-reduce", choices=LD_REDUCES, default=defaults.ld_reduce, help="ld, ld-domain: b(y)")
+    parser.add_argument("--feature-stats", choices=FEATURE_STATS, default=defaults.feature_stats,
+                        help="add each layer's feature-statistics term beside its kNN score (default: %(default)s)")
+    parser.add_argument("--feature-stats-layers", default=None, metavar="LAYERS",
+                        help="with --feature-stats add: only these comma-separated layers (default: every scored one)")
+    parser.add_argument("--fusion", choices=FUSIONS, default=defaults.fusion,
+                        help="combine the members raw (mean) or standardized by their leave-one-out training "
+                             "scores (default: %(default)s)")
+    parser.add_argument("--memmixup", default=None, metavar="K,LAMBDA",
+                        help="MemMixup on each section's target bank, e.g. 5,0.9 (default: off)")
     parser.add_argument("--machines", default=None, help="comma-separated machine directories (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
     parser.add_argument("--report", type=Path, default=None,
@@ -329,11 +347,29 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def _memmixup(text: str | None) -> MixupSpec | None:
+    if text is None:
+        return None
+    try:
+        k_text, lam_text = text.split(",")
+        spec = MixupSpec(float(lam_text), int(k_text))
+    except ValueError:
+        raise ConfigError("--memmixup", "must be K,LAMBDA (an integer K >= 1 and 0 < LAMBDA <= 1), e.g. 5,0.9",
+                          text) from None
+    if not (0.0 < spec.lam <= 1.0 and spec.k >= 1):
+        raise ConfigError("--memmixup", "must be K,LAMBDA (an integer K >= 1 and 0 < LAMBDA <= 1), e.g. 5,0.9", text)
+    return spec
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     layers = _split(args.layers)
-    cfg = ScoringConfig(normalizer=args.normalization, layers=tuple(layers) if layers else None)
+    cfg = ScoringConfig(normalizer=args.normalization, layers=tuple(layers) if layers else None, metric=args.metric,
+                        k_n=args.k_n, k_source=args.k_source, k_target=args.k_target, ld_k=args.ld_k,
+                        ld_reduce=args.ld_reduce, feature_stats=args.feature_stats, fusion=args.fusion,
+                        feature_stats_layers=tuple(_split(args.feature_stats_layers) or ()) or None)
     result = evaluate_dataset(args.models, args.dataset, cfg, batch_size=args.batch_size,
-                              progress=not args.no_progress, machines=_split(args.machines))
+                              progress=not args.no_progress, machines=_split(args.machines),
+                              mixup=_memmixup(args.memmixup))
     if args.report is not None:
         write_report(result, args.report)
     if args.json:

@@ -2,10 +2,16 @@
 
 export/ writes these keys into every ONNX file; edge_agent/ reads them back and refuses a bank
 built with a different model. All values are strings in ONNX; lists are comma-separated.
+
+Output names: one pooling per export gives `layer_<i>` (and `embedding`); an export with several
+poolings names the first one's outputs plainly and the others `<layer>@<suffix>` (POOLING_SUFFIXES),
+e.g. `layer_12`, `layer_12@meanstd`, `layer_12@max`. `output_poolings` records each output's pooling,
+`gem_p` the GeM exponent; files written before those keys existed read as `pooling` for every output.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -23,8 +29,40 @@ METADATA_KEYS = (
     "checkpoint_sha256",
     "exporter_version",
 )
-POOLINGS = ("time-mean", "spatial", "spectral")
+# Written by exports since per-output poolings exist; absent in older files, which read as before.
+OPTIONAL_KEYS = ("output_poolings", "gem_p")
+POOLINGS = ("time-mean", "time-meanstd", "time-max", "gem", "spatial", "spectral")
+# `<layer>@<suffix>`: an output pooled otherwise than the export's default (first) pooling.
+POOLING_SEPARATOR = "@"
+POOLING_SUFFIXES = {
+    "time-mean": "mean",
+    "time-meanstd": "meanstd",
+    "time-max": "max",
+    "gem": "gem",
+    "spatial": "spatial",
+    "spectral": "spectral",
+}
 INPUT_NAME = "waveform"
+
+
+def pooled_output_name(layer: str, pooling: str, default: bool) -> str:
+    """The ONNX output name of `layer` pooled with `pooling`: plain for the export's default pooling."""
+    if pooling not in POOLINGS:
+        raise ModelMetadataError(f"pooling {pooling!r} is not one of {POOLINGS}")
+    return layer if default else f"{layer}{POOLING_SEPARATOR}{POOLING_SUFFIXES[pooling]}"
+
+
+def split_output_name(name: str) -> tuple[str, str | None]:
+    """`layer_12@max` -> ("layer_12", "time-max"); a plain name -> (name, None). Unknown suffixes are refused."""
+    base, separator, suffix = name.partition(POOLING_SEPARATOR)
+    if not separator:
+        return name, None
+    by_suffix = {value: key for key, value in POOLING_SUFFIXES.items()}
+    if not base or suffix not in by_suffix:
+        raise ModelMetadataError(
+            f"output name {name!r}: expected <layer>{POOLING_SEPARATOR}<one of {', '.join(by_suffix)}>"
+        )
+    return base, by_suffix[suffix]
 
 
 @dataclass(frozen=True)
@@ -36,9 +74,12 @@ class ModelInfo:
     layers: tuple[str, ...]  # ONNX output names in order, e.g. ("layer_4", "layer_8", "embedding")
     dims: tuple[int, ...]  # embedding dimension of each output
     default_layers: tuple[str, ...]  # the layers scoring uses when the config names none
-    pooling: str = "time-mean"
+    pooling: str = "time-mean"  # the export's default pooling: that of the plain `layer_<i>` outputs
     checkpoint_sha256: str = ""
     exporter_version: str = ""
+    # the pooling of each output, in the order of layers; () = `pooling` for every output (older files)
+    output_poolings: tuple[str, ...] = ()
+    gem_p: float | None = None  # the GeM exponent; given exactly when an output uses gem
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +90,39 @@ class ModelInfo:
             raise ModelMetadataError(f"default_layers {unknown} are not among the outputs {self.layers}")
         if self.pooling not in POOLINGS:
             raise ModelMetadataError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
+        if not self.output_poolings:
+            object.__setattr__(self, "output_poolings", (self.pooling,) * len(self.layers))
+        self._check_output_poolings()
+
+    def _check_output_poolings(self) -> None:
+        if len(self.output_poolings) != len(self.layers):
+            raise ModelMetadataError(
+                f"output_poolings {self.output_poolings} and layers {self.layers} differ in length"
+            )
+        for name, pooling in zip(self.layers, self.output_poolings, strict=True):
+            if pooling not in POOLINGS:
+                raise ModelMetadataError(f"output {name}: pooling {pooling!r} is not one of {POOLINGS}")
+            _, named = split_output_name(name)
+            if named is not None and named != pooling:
+                raise ModelMetadataError(f"output {name} is named for {named} pooling but records {pooling}")
+        uses_gem = "gem" in self.output_poolings
+        if uses_gem and self.gem_p is None:
+            raise ModelMetadataError("an output uses gem pooling but gem_p is not given")
+        if not uses_gem and self.gem_p is not None:
+            raise ModelMetadataError(f"gem_p {self.gem_p} is given but no output uses gem pooling")
+        if self.gem_p is not None and not (
+            isinstance(self.gem_p, (int, float)) and math.isfinite(self.gem_p) and self.gem_p > 0
+        ):
+            raise ModelMetadataError(f"gem_p {self.gem_p!r} is not a positive number")
+
+    def output_pooling(self, layer: str) -> str:
+        """The pooling of output `layer` (its GeM exponent is gem_p)."""
+        try:
+            return self.output_poolings[self.layers.index(layer)]
+        except ValueError:
+            raise ModelMetadataError(
+                f"layer {layer!r} is not an output of {self.variant}; it has {', '.join(self.layers)}"
+            ) from None
 
     def dim(self, layer: str) -> int:
         try:
@@ -70,7 +144,10 @@ class ModelInfo:
             "pooling": self.pooling,
             "checkpoint_sha256": self.checkpoint_sha256,
             "exporter_version": self.exporter_version,
+            "output_poolings": ",".join(self.output_poolings),
         }
+        if self.gem_p is not None:
+            values["gem_p"] = repr(float(self.gem_p))
         return {**self.extra, **values}
 
     @classmethod
@@ -92,7 +169,9 @@ class ModelInfo:
                 pooling=props["pooling"],
                 checkpoint_sha256=props["checkpoint_sha256"],
                 exporter_version=props["exporter_version"],
-                extra={k: v for k, v in props.items() if k not in METADATA_KEYS},
+                output_poolings=_split(props.get("output_poolings", "")),
+                gem_p=float(props["gem_p"]) if props.get("gem_p", "").strip() else None,
+                extra={k: v for k, v in props.items() if k not in METADATA_KEYS + OPTIONAL_KEYS},
             )
         except ValueError as exc:
             raise ModelMetadataError(f"{source}: malformed metadata: {exc}") from None
@@ -103,6 +182,9 @@ class ModelInfo:
         data["layers"] = list(self.layers)
         data["dims"] = list(self.dims)
         data["default_layers"] = list(self.default_layers)
+        data["output_poolings"] = list(self.output_poolings)
+        if self.gem_p is None:
+            data.pop("gem_p")
         return data
 
     @classmethod
@@ -114,6 +196,11 @@ class ModelInfo:
         keys = ("family", "variant", "sample_rate", "window_samples", "pooling", "checkpoint_sha256")
         found = [f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}" for k in keys
                  if getattr(self, k) != getattr(other, k)]
+        # Output names carry the pooling (plain ones: `pooling`, compared above), not GeM's exponent.
+        both_gem = [name for name in self.layers if name in other.layers
+                    and self.output_pooling(name) == other.output_pooling(name) == "gem"]
+        if both_gem and self.gem_p != other.gem_p:
+            found.append(f"gem_p of {', '.join(both_gem)}: {self.gem_p!r} != {other.gem_p!r}")
         return found
 
     def require_compatible(self, other: ModelInfo, what: str) -> None:

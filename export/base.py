@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from export.pooling import PooledOutput, Poolings
+
 
 class CheckpointError(Exception):
     """A checkpoint file is missing, of the wrong family/size, or its keys do not match the model."""
@@ -16,8 +18,9 @@ class CheckpointError(Exception):
 class ExportableEncoder(nn.Module):
     """waveform [batch, window_samples] float32 at sample_rate -> one pooled embedding per output.
 
-    Subclasses set the attributes below and implement forward(waveform) -> tuple of [batch, D_i]
-    tensors in the order of output_names. The front-end is part of forward, so it lands in the graph.
+    Subclasses set the attributes below (set_outputs sets those about outputs) and implement
+    forward(waveform) -> tuple of [batch, D_i] tensors in the order of output_names. The front-end
+    is part of forward, so it lands in the graph.
     """
 
     family: str
@@ -25,12 +28,27 @@ class ExportableEncoder(nn.Module):
     sample_rate: int
     window_samples: int
     output_names: tuple[str, ...]
+    output_poolings: tuple[str, ...]  # the pooling of each output
     dims: tuple[int, ...]
     default_layers: tuple[str, ...]
-    pooling: str
+    pooling: str  # the default (first) pooling: that of the plain-named outputs
+    gem_p: float
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:  # pragma: no cover
         raise NotImplementedError
+
+    def set_outputs(self, poolings: Poolings, outputs: Sequence[PooledOutput], dims: Sequence[int],
+                    family_defaults: Sequence[str]) -> None:
+        """Output names, poolings and dims; default_layers = the family defaults among the outputs, or
+        else every output of the default pooling (scoring then uses them all)."""
+        self.pooling = poolings.default
+        self.gem_p = poolings.gem_p
+        self.pooled_outputs = tuple(outputs)
+        self.output_names = tuple(output.name for output in outputs)
+        self.output_poolings = tuple(output.mode for output in outputs)
+        self.dims = tuple(dims)
+        chosen = tuple(name for name in family_defaults if name in self.output_names)
+        self.default_layers = chosen or tuple(output.name for output in outputs if output.name == output.layer)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ post-LN, conv_pos 128 in 16 groups, 320 relative-position buckets up to distance
 Self-attention adds a relative-position bias table[bucket(j - i)] (one table, layer 0's, shared by all
 layers) times a per-layer, per-query gate computed from the unscaled queries:
   g = sigmoid(sum4(grep_linear(q_head)))  -> (a, b);  gate = a * (b * grep_a - 1) + 2.
-`layer_i` is the output of block i (1-based), pooled from the grid [B, T=62, F=8, 768].
+`layer_i` is the output of block i (1-based), pooled from the grid [B, T=62, F=8, 768] (with several
+poolings also `layer_i@<suffix>`, see export/pooling.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.nn import functional
 
 from export.base import BlockLayers, CheckpointError, ExportableEncoder
 from export.kaldi_fbank import SAMPLE_RATE, KaldiFbank, num_frames
-from export.pooling import pool_grid, pooled_dim
+from export.pooling import Poolings, pool_grid, pooled_dim
 
 FAMILY = "beats"
 VARIANTS = ("beats",)
@@ -78,9 +79,10 @@ BEATS_CONFIG_DEFAULTS: dict[str, Any] = {
     "finetuned_model": False,
     "predictor_class": 527,
 }
-# GenRep (Saengthong & Shinozaki, ICASSP 2025) single best layers: 4 for the AS2M fine-tuned
-# checkpoint, 5 for the self-supervised ones; the default averages both (see docs/encoders.md).
-DEFAULT_LAYERS = ("layer_4", "layer_5")
+# The last two blocks: the pairing the GenRep DCASE 2025 report uses with domain-wise local density, the
+# project's default normalizer. (The ICASSP 2025 paper's single best layers 4 and 5 come with test-time
+# z-score normalization: `--layers layer_4,layer_5` and `normalizer: zscore-test`; see docs/encoders.md.)
+DEFAULT_LAYERS = ("layer_11", "layer_12")
 
 
 LAYERS = BlockLayers("BEATs", VARIANTS, DEPTH, DEFAULT_LAYERS)
@@ -188,11 +190,12 @@ class BEATsEncoder(ExportableEncoder):
     sample_rate = SAMPLE_RATE
     window_samples = WINDOW_SAMPLES
 
-    def __init__(self, layers: Sequence[str], pooling: str, variant: str = "beats") -> None:
+    def __init__(self, layers: Sequence[str], pooling: str | Poolings, variant: str = "beats") -> None:
         super().__init__()
         LAYERS.check_variant(variant)
         self.variant = variant
         self.layer_indices = LAYERS.indices(layers)
+        poolings = Poolings.of(pooling)
         cfg = OFFICIAL_CFG
         dim = int(cfg["encoder_embed_dim"])
         self.frames = num_frames(WINDOW_SAMPLES) // PATCH * PATCH
@@ -207,11 +210,10 @@ class BEATsEncoder(ExportableEncoder):
             int(cfg["conv_pos"]), int(cfg["conv_pos_groups"]), int(cfg["num_buckets"]),
             int(cfg["max_distance"]), self.time_patches * self.freq_patches,
         )
-        self.output_names = tuple(f"layer_{i}" for i in self.layer_indices)
-        self.pooling = pooling
-        self.dims = tuple(pooled_dim(self.time_patches, self.freq_patches, dim, pooling) for _ in layers)
-        chosen = tuple(name for name in DEFAULT_LAYERS if name in self.output_names)
-        self.default_layers = chosen or self.output_names
+        outputs = poolings.outputs([f"layer_{i}" for i in self.layer_indices])
+        self.output_blocks = tuple(int(output.layer.removeprefix("layer_")) for output in outputs)
+        dims = [pooled_dim(self.time_patches, self.freq_patches, dim, output.mode) for output in outputs]
+        self.set_outputs(poolings, outputs, dims, DEFAULT_LAYERS)
         self.eval()
 
     def token_grids(self, waveform: torch.Tensor) -> list[torch.Tensor]:
@@ -226,7 +228,8 @@ class BEATsEncoder(ExportableEncoder):
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grids = self.token_grids(waveform)
-        return tuple(pool_grid(grids[i - 1], self.pooling) for i in self.layer_indices)
+        return tuple(pool_grid(grids[block - 1], output.mode, self.gem_p)
+                     for block, output in zip(self.output_blocks, self.pooled_outputs, strict=True))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -352,7 +355,7 @@ def load_checkpoint(model: BEATsEncoder, path: Path) -> dict[str, object]:
     return cfg
 
 
-def build(variant: str, layers: Sequence[str], pooling: str, checkpoint: Path | None,
+def build(variant: str, layers: Sequence[str], pooling: str | Poolings, checkpoint: Path | None,
           seed: int = 0) -> BEATsEncoder:
     LAYERS.check_variant(variant)
     if checkpoint is None:

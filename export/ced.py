@@ -9,7 +9,8 @@ instead of `init_bn.1.*`, no front-end buffers, head `outputlayer.*` unprefixed)
   MelCED [B, 64, 1001] (BatchNorm'd) -> Conv2d 16x16/16 with bias: [B, C, 4, 62] (1001 -> 992 frames)
   + time_pos_embed[..., :62] (stored for 63 = 1012 // 16 patches) + freq_pos_embed (4)
   -> tokens f*62+t (frequency-major) -> 12 pre-LN ViT blocks (LayerNorm eps 1e-6, GELU MLP)
-`layer_i` is the output of block i (1-based, before the final `norm`), pooled from [B, T=62, F=4, C].
+`layer_i` is the output of block i (1-based, before the final `norm`), pooled from [B, T=62, F=4, C]
+(with several poolings also `layer_i@<suffix>`, see export/pooling.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.nn import functional
 from export.base import BlockLayers, CheckpointError, ExportableEncoder
 from export.checkpoints import OfficialWeights
 from export.mel_ced import N_MELS, SAMPLE_RATE, MelCED, htk_mel_banks, num_frames, periodic_hann
-from export.pooling import pool_grid, pooled_dim
+from export.pooling import Poolings, pool_grid, pooled_dim
 
 FAMILY = "ced"
 # variant -> (channels, heads)
@@ -114,12 +115,13 @@ class CEDEncoder(ExportableEncoder):
     sample_rate = SAMPLE_RATE
     window_samples = WINDOW_SAMPLES
 
-    def __init__(self, variant: str, layers: Sequence[str], pooling: str) -> None:
+    def __init__(self, variant: str, layers: Sequence[str], pooling: str | Poolings) -> None:
         super().__init__()
         LAYERS.check_variant(variant)
         self.variant = variant
         dim, heads = SIZES[variant]
         self.layer_indices = LAYERS.indices(layers)
+        poolings = Poolings.of(pooling)
         self.time_patches = num_frames(WINDOW_SAMPLES) // PATCH
         self.freq_patches = N_MELS // PATCH
         self.frontend = MelCED(WINDOW_SAMPLES)
@@ -127,11 +129,10 @@ class CEDEncoder(ExportableEncoder):
         self.time_pos_embed = nn.Parameter(torch.zeros(1, dim, 1, self.time_patches))
         self.freq_pos_embed = nn.Parameter(torch.zeros(1, dim, self.freq_patches, 1))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(DEPTH))
-        self.output_names = tuple(f"layer_{i}" for i in self.layer_indices)
-        self.pooling = pooling
-        self.dims = tuple(pooled_dim(self.time_patches, self.freq_patches, dim, pooling) for _ in layers)
-        chosen = tuple(name for name in DEFAULT_LAYERS if name in self.output_names)
-        self.default_layers = chosen or self.output_names
+        outputs = poolings.outputs([f"layer_{i}" for i in self.layer_indices])
+        self.output_blocks = tuple(int(output.layer.removeprefix("layer_")) for output in outputs)
+        dims = [pooled_dim(self.time_patches, self.freq_patches, dim, output.mode) for output in outputs]
+        self.set_outputs(poolings, outputs, dims, DEFAULT_LAYERS)
         self.eval()
 
     def token_grids(self, waveform: torch.Tensor) -> list[torch.Tensor]:
@@ -149,7 +150,8 @@ class CEDEncoder(ExportableEncoder):
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grids = self.token_grids(waveform)
-        return tuple(pool_grid(grids[i - 1], self.pooling) for i in self.layer_indices)
+        return tuple(pool_grid(grids[block - 1], output.mode, self.gem_p)
+                     for block, output in zip(self.output_blocks, self.pooled_outputs, strict=True))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -308,7 +310,8 @@ def _load_state(model: CEDEncoder, state: Mapping[str, torch.Tensor]) -> None:
     model.load_state_dict(own, strict=True)
 
 
-def build(variant: str, layers: Sequence[str], pooling: str, checkpoint: Path | None, seed: int = 0) -> CEDEncoder:
+def build(variant: str, layers: Sequence[str], pooling: str | Poolings, checkpoint: Path | None,
+          seed: int = 0) -> CEDEncoder:
     LAYERS.check_variant(variant)
     model = CEDEncoder(variant, layers, pooling)
     if checkpoint is None:

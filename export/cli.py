@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.errors import EdgeAsdError
-from edge_agent.model_info import POOLINGS
+from edge_agent.model_info import POOLINGS, ModelInfo
 from export.base import CheckpointError
 from export.checkpoints import WEIGHTS_DIR_ENV
 from export.onnx_export import QUANTIZE_MODES, ExportError, ExportResult, export_model
+from export.pooling import DEFAULT_GEM_P
 from export.registry import families
 
 
@@ -31,7 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/NAME.onnx")
     parser.add_argument("--layers", help="comma-separated outputs, e.g. layer_8,layer_12,embedding")
-    parser.add_argument("--pooling", choices=POOLINGS, default="time-mean")
+    pooling = parser.add_mutually_exclusive_group()
+    pooling.add_argument("--pooling", choices=POOLINGS, help="one pooling for every layer (default: time-mean)")
+    pooling.add_argument(
+        "--poolings",
+        metavar="LIST",
+        help=f"comma-separated poolings of {', '.join(POOLINGS)}: the first gives layer_<i>, "
+        "each other one more output per layer, layer_<i>@<suffix> (e.g. time-mean,time-meanstd,time-max)",
+    )
+    parser.add_argument(
+        "--gem-p", type=float, default=DEFAULT_GEM_P, metavar="P", help="GeM exponent (default: %(default)s)"
+    )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="fp16 weights, fp32 input/outputs")
     precision.add_argument("--quantize", choices=QUANTIZE_MODES, help="dynamic weight quantization")
@@ -44,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else None
+    poolings = [part.strip() for part in args.poolings.split(",") if part.strip()] if args.poolings else None
     try:
         result = export_model(
             args.name,
@@ -51,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             random_init=args.random_init,
             layers=layers,
-            pooling=args.pooling,
+            pooling=poolings or args.pooling or "time-mean",
+            gem_p=args.gem_p,
             fp16=args.fp16,
             quantize=args.quantize,
             seed=args.seed,
@@ -69,10 +82,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _poolings(info: ModelInfo) -> str:
+    suffixed = [pooling for name, pooling in zip(info.layers, info.output_poolings, strict=True) if "@" in name]
+    used = list(dict.fromkeys([info.pooling, *suffixed]))
+    named = [f"gem p={info.gem_p:g}" if p == "gem" else p for p in used]
+    return f"{named[0]} pooling" if len(named) == 1 else f"poolings {', '.join(named)}"
+
+
 def describe(result: ExportResult) -> str:
     info = result.info
     lines = [
-        f"wrote {result.path} ({info.family} {info.variant}, {result.precision}, {info.pooling} pooling)",
+        f"wrote {result.path} ({info.family} {info.variant}, {result.precision}, {_poolings(info)})",
         f"input: waveform [batch, {info.window_samples}] at {info.sample_rate} Hz",
         "outputs: " + ", ".join(f"{name} [{dim}]" for name, dim in zip(info.layers, info.dims, strict=True)),
         f"default layers: {', '.join(info.default_layers)}",

@@ -5,12 +5,13 @@ with channel squeeze-excitation, BatchNorm eps 1e-3, and widths scaled by the va
 (rounded to multiples of 8). Parameter names follow the official checkpoints (models/mn in
 fschmid56/EfficientAT) so those files load strictly.
 
-Block numbering (`layer_<i>` = the time-mean pooled output of `features[i]`):
+Block numbering (`layer_<i>` = the pooled output of `features[i]`, time-mean by default; with several
+poolings also `layer_<i>@<suffix>`, see export/pooling.py):
   features[0]       stem conv 3x3 stride 2 (not exported)
   features[1..15]   the 15 inverted-residual blocks; stride 2 at blocks 2, 4, 7 and 13
   features[16]      the final 1x1 conv to 6x the last block's channels
 `embedding` = features[16] averaged over frequency and time: the official pre-classifier vector
-(the second value the official model returns), whatever the layer pooling.
+(the second value the official model returns), whatever the layer pooling (recorded as `spatial`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import torch
 from torch import nn
 
 from edge_agent.fsutil import replacing
-from edge_agent.model_info import POOLINGS
 from export.base import CheckpointError, ExportableEncoder
 from export.checkpoints import OfficialWeights
 from export.mel_efficientat import N_MELS, SAMPLE_RATE, MelEfficientAT, num_frames
-from export.pooling import cnn_map_to_grid, pool_grid, pooled_dim
+from export.pooling import Poolings, cnn_map_to_grid, pool_grid, pooled_dim
 
 FAMILY = "efficientat"
 WIDTHS = {"mn04": 0.4, "mn05": 0.5, "mn10": 1.0, "mn20": 2.0, "mn30": 3.0, "mn40": 4.0}
@@ -42,6 +42,7 @@ BN_EPS = 1e-3
 NUM_BLOCKS = 15
 FINAL_CONV = NUM_BLOCKS + 1
 EMBEDDING = "embedding"
+EMBEDDING_POOLING = "spatial"  # features[16]'s map averaged over frequency and time
 
 _RELEASE = "https://github.com/fschmid56/EfficientAT/releases/download/v0.0.1/"
 _FILE_NAMES = {
@@ -250,11 +251,8 @@ def default_exported_layers(variant: str) -> tuple[str, ...]:
 
 
 def output_dim(variant: str, layer: str, pooling: str) -> int:
-    shapes = map_shapes(variant)
-    if layer == EMBEDDING:
-        return shapes[FINAL_CONV][0]
-    channels, freq, time = shapes[_layer_index(variant, layer)]
-    return pooled_dim(time, freq, channels, pooling)
+    channels, freq, time = map_shapes(variant)[_layer_index(variant, layer)]
+    return pooled_dim(time, freq, channels, EMBEDDING_POOLING if layer == EMBEDDING else pooling)
 
 
 def _layer_index(variant: str, layer: str) -> int:
@@ -264,22 +262,21 @@ def _layer_index(variant: str, layer: str) -> int:
 
 
 class EfficientATEncoder(ExportableEncoder):
-    def __init__(self, variant: str, layers: Sequence[str], pooling: str) -> None:
+    def __init__(self, variant: str, layers: Sequence[str], pooling: str | Poolings) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}")
+        poolings = Poolings.of(pooling)
         if not layers:
             raise ValueError("no layers requested")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers repeat: {list(layers)}")
         self.family = FAMILY
         self.variant = variant
         self.sample_rate = SAMPLE_RATE
         self.window_samples = WINDOW_SAMPLES
-        self.output_names = tuple(layers)
-        self.indices = tuple(_layer_index(variant, layer) for layer in layers)
-        self.dims = tuple(output_dim(variant, layer, pooling) for layer in layers)
-        # Without the family defaults among the outputs, scoring falls back to every exported output.
-        self.default_layers = tuple(name for name in _DEFAULT_LAYERS if name in self.output_names) or tuple(layers)
-        self.pooling = pooling
+        outputs = poolings.outputs(layers, fixed={EMBEDDING: EMBEDDING_POOLING})
+        self.indices = tuple(_layer_index(variant, output.layer) for output in outputs)
+        # Without the family defaults among the outputs, scoring falls back to every default-pooled output.
+        self.set_outputs(poolings, outputs, [output_dim(variant, o.layer, o.mode) for o in outputs], _DEFAULT_LAYERS)
         self.frontend = MelEfficientAT()
         self.net = MobileNetAudio(variant)
 
@@ -287,11 +284,11 @@ class EfficientATEncoder(ExportableEncoder):
         image = self.frontend(waveform).unsqueeze(1)
         maps = self.net.feature_maps(image, max(self.indices))
         outputs = []
-        for name, index in zip(self.output_names, self.indices, strict=True):
-            if name == EMBEDDING:
+        for output, index in zip(self.pooled_outputs, self.indices, strict=True):
+            if output.layer == EMBEDDING:
                 outputs.append(maps[index].mean(dim=(2, 3)))
             else:
-                outputs.append(pool_grid(cnn_map_to_grid(maps[index]), self.pooling))
+                outputs.append(pool_grid(cnn_map_to_grid(maps[index]), output.mode, self.gem_p))
         return tuple(outputs)
 
     def logits(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -300,7 +297,7 @@ class EfficientATEncoder(ExportableEncoder):
 
 
 def build(
-    variant: str, layers: Sequence[str], pooling: str, checkpoint: Path | None, seed: int = 0
+    variant: str, layers: Sequence[str], pooling: str | Poolings, checkpoint: Path | None, seed: int = 0
 ) -> EfficientATEncoder:
     encoder = EfficientATEncoder(variant, layers, pooling)
     state = random_state_dict(variant, seed) if checkpoint is None else read_state_dict(checkpoint)

@@ -1,7 +1,8 @@
 """Export an encoder to DIR/NAME.onnx with edge-asd metadata, verified against PyTorch.
 
-The graph: input `waveform` float32 [batch, window_samples] (dynamic batch), one output per layer in
-the requested order, front-end inside. The file is written to a temp name in DIR, verified, and only
+The graph: input `waveform` float32 [batch, window_samples] (dynamic batch), one output per layer and
+pooling (layer by layer in the requested order, poolings in theirs: `layer_12`, `layer_12@max`, ...),
+front-end inside. The file is written to a temp name in DIR, verified, and only
 then renamed into place, so DIR/NAME.onnx is never a half-written or unverified model.
 """
 
@@ -25,6 +26,7 @@ from edge_agent.model_info import INPUT_NAME, ModelInfo
 from export import EXPORTER_VERSION
 from export.base import ExportableEncoder
 from export.checkpoints import resolve_checkpoint
+from export.pooling import DEFAULT_GEM_P, Poolings
 from export.registry import family_for
 
 OPSET = 17
@@ -56,6 +58,7 @@ class ExportResult:
     precision_rel_error: float | None = None  # fp16/int8 model vs the fp32 ONNX model
     ms_per_window: float | None = None  # CPU latency of the written model, batch 1 (fp16/int8 only)
     fp32_ms_per_window: float | None = None
+    output_rel_errors: dict[str, float] | None = None  # fp32 ONNX vs PyTorch per output, None with verify=False
 
 
 def export_model(
@@ -64,14 +67,16 @@ def export_model(
     checkpoint: Path | str | None = None,
     random_init: bool = False,
     layers: Sequence[str] | None = None,
-    pooling: str = "time-mean",
+    pooling: str | Sequence[str] = "time-mean",
     fp16: bool = False,
     quantize: str | None = None,
     seed: int = 0,
     verify: bool = True,
     weights_dir: Path | str | None = None,
     allow_download: bool = True,
+    gem_p: float = DEFAULT_GEM_P,
 ) -> ExportResult:
+    """pooling: one mode, or several: the first names the plain outputs, the others `<layer>@<suffix>`."""
     start = time.perf_counter()
     if random_init and checkpoint is not None:
         raise ExportError("give either a checkpoint or random_init, not both")
@@ -79,6 +84,10 @@ def export_model(
         raise ExportError("choose one of fp16 and quantize")
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ExportError(f"quantize {quantize!r} is not one of {QUANTIZE_MODES}")
+    try:
+        poolings = Poolings((pooling,) if isinstance(pooling, str) else tuple(pooling), gem_p)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     family = family_for(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +99,7 @@ def export_model(
         family.write_random_checkpoint(ckpt_path, name, seed)
     else:
         ckpt_path = resolve_checkpoint(family, name, checkpoint, weights_dir, allow_download)
-    model = family.build(name, chosen, pooling, ckpt_path, seed).eval()
+    model = family.build(name, chosen, poolings, ckpt_path, seed).eval()
     precision = "fp16" if fp16 else (quantize or "fp32")
     info = model_info(model, sha256_file(ckpt_path), precision)
 
@@ -100,10 +109,14 @@ def export_model(
         with replacing(target, mode=0o644) as final_tmp:  # a model is not a secret
             _torch_to_onnx(model, fp32_tmp)
             _write_metadata(fp32_tmp, info)
-            max_rel = verify_against_torch(model, fp32_tmp, seed) if verify else None
-            if verify and max_rel is not None and not max_rel <= MAX_REL_ERROR:  # NaN fails too
+            per_output = verify_outputs(model, fp32_tmp, seed) if verify else None
+            max_rel = max(per_output.values()) if per_output else None
+            bad = {k: v for k, v in (per_output or {}).items() if not v <= MAX_REL_ERROR}  # NaN fails too
+            if bad:
+                worst = max(bad, key=lambda k: -1.0 if np.isnan(bad[k]) else bad[k])
                 raise ExportError(
-                    f"{name}: ONNX output differs from PyTorch by {max_rel:.3g} (relative) > {MAX_REL_ERROR:g}"
+                    f"{name}: ONNX output {worst} differs from PyTorch by {bad[worst]:.3g} (relative) > "
+                    f"{MAX_REL_ERROR:g}" + (f" (and {len(bad) - 1} more output(s))" if len(bad) > 1 else "")
                 )
             reduced_error = ms = fp32_ms = None
             if precision == "fp32":
@@ -122,7 +135,8 @@ def export_model(
                 ms, fp32_ms = cpu_ms_per_window(final_tmp, info), cpu_ms_per_window(fp32_tmp, info)
     finally:
         fp32_tmp.unlink(missing_ok=True)
-    return ExportResult(target, info, max_rel, time.perf_counter() - start, precision, reduced_error, ms, fp32_ms)
+    return ExportResult(target, info, max_rel, time.perf_counter() - start, precision, reduced_error, ms, fp32_ms,
+                        per_output)
 
 
 def _check_layers(name: str, chosen: Sequence[str], available: Sequence[str]) -> None:
@@ -145,6 +159,8 @@ def model_info(model: ExportableEncoder, checkpoint_sha256: str, precision: str 
         pooling=model.pooling,
         checkpoint_sha256=checkpoint_sha256,
         exporter_version=EXPORTER_VERSION,
+        output_poolings=tuple(model.output_poolings),
+        gem_p=model.gem_p if "gem" in model.output_poolings else None,
         extra={"precision": precision, "opset": str(OPSET)},
     )
 
@@ -207,11 +223,16 @@ def _session(path: Path, threads: int | None = None) -> ort.InferenceSession:
 
 def verify_against_torch(model: ExportableEncoder, path: Path, seed: int = 0) -> float:
     """max over outputs of max|onnx - torch| / max|torch| on a random batch."""
+    return max(verify_outputs(model, path, seed).values())
+
+
+def verify_outputs(model: ExportableEncoder, path: Path, seed: int = 0) -> dict[str, float]:
+    """Per output name: max|onnx - torch| / max|torch| on a random batch."""
     audio = verification_audio(VERIFY_BATCH, model.window_samples, seed)
     with torch.no_grad():
         expected = [t.numpy() for t in model(torch.from_numpy(audio))]
     got = _session(path).run(list(model.output_names), {INPUT_NAME: audio})
-    return max(_rel_error(g, e) for g, e in zip(got, expected, strict=True))
+    return {name: _rel_error(g, e) for name, g, e in zip(model.output_names, got, expected, strict=True)}
 
 
 def compare_onnx(reference: Path, candidate: Path, samples: int, seed: int = 0) -> float:

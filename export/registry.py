@@ -6,8 +6,10 @@ A family module provides:
     def available_layers(variant: str) -> tuple[str, ...]
     def default_layers(variant: str) -> tuple[str, ...]   # scoring defaults, documented with evidence
     def default_exported_layers(variant: str) -> tuple[str, ...]
-    def build(variant: str, layers: Sequence[str], pooling: str,
+    def build(variant: str, layers: Sequence[str], pooling: str | export.pooling.Poolings,
               checkpoint: Path | None, seed: int = 0) -> export.base.ExportableEncoder
+        # layers are block names (layer_<i>, embedding); with a Poolings of several modes each block
+        # gives one output per mode (export.pooling.Poolings.outputs names them)
         # checkpoint None = random init (seed); a wrong/mismatching checkpoint raises
         # export.base.CheckpointError naming the file and the first mismatching keys
     def write_random_checkpoint(path: Path, variant: str, seed: int = 0) -> None

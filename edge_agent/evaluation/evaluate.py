@@ -25,7 +25,7 @@ from edge_agent.evaluation.progress import Progress
 from edge_agent.logs import get_logger
 from edge_agent.model.encoder import Encoder
 from edge_agent.model_info import ModelInfo
-from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.bank import MemoryBank, MixupSpec
 from edge_agent.scoring.config import ScoringConfig
 from edge_agent.scoring.scorer import BankScorer, Scorer
 
@@ -162,14 +162,14 @@ def _finite_or_none(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def _section_bank(model: ModelEmbeddings, train: dict[str, list[Clip]]) -> MemoryBank:
+def _section_bank(model: ModelEmbeddings, train: dict[str, list[Clip]], mixup: MixupSpec | None) -> MemoryBank:
     layers = model.layers
     embeddings = {domain: model.stack(clips, layers) for domain, clips in train.items() if clips}
     names = {domain: [c.path.name for c in clips] for domain, clips in train.items() if clips}
-    return MemoryBank(model.info, embeddings, names)
+    return MemoryBank(model.info, embeddings, names, mixup=mixup)
 
 
-def score_embeddings(embeddings: DatasetEmbeddings, cfg: ScoringConfig) -> EvalResult:
+def score_embeddings(embeddings: DatasetEmbeddings, cfg: ScoringConfig, mixup: MixupSpec | None = None) -> EvalResult:
     """Fit scorers on each section's training clips and compute the DCASE metrics on its test clips."""
     sections: list[SectionResult] = []
     layers_used: dict[Path, list[str]] = {}
@@ -183,7 +183,7 @@ def score_embeddings(embeddings: DatasetEmbeddings, cfg: ScoringConfig) -> EvalR
                 raise DatasetError(f"{machine.root}: section {section} has no test clips")
             labels = [clip.is_anomaly for clip in test]  # DatasetError for unlabelled names
             domains = [clip.is_target for clip in test]
-            scorer = Scorer([BankScorer.fit(_section_bank(model, train), cfg) for model in embeddings.models])
+            scorer = Scorer([BankScorer.fit(_section_bank(model, train, mixup), cfg) for model in embeddings.models])
             scores = np.asarray(scorer.score([model.stack(test, model.layers) for model in embeddings.models]),
                                 dtype=np.float64)
             for model, member in zip(embeddings.models, scorer.members, strict=True):
@@ -202,13 +202,16 @@ def score_embeddings(embeddings: DatasetEmbeddings, cfg: ScoringConfig) -> EvalR
                     cause="a subset lacks normal or anomalous clips; the harmonic means leave them out")
     models = [{"path": str(m.path), "model_id": m.model_id, "variant": m.info.variant,
                "layers": layers_used.get(m.path, [])} for m in embeddings.models]
-    return EvalResult(sections, summary, cfg.to_dict(), models, embeddings.dataset.root)
+    config = cfg.to_dict()
+    config["memmixup"] = None if mixup is None else mixup.as_dict()
+    return EvalResult(sections, summary, config, models, embeddings.dataset.root)
 
 
 def evaluate_dataset(model_paths: Sequence[Path], dataset_root: Path, cfg: ScoringConfig, batch_size: int = 8,
-                     progress: bool = True, machines: Sequence[str] | None = None) -> EvalResult:
+                     progress: bool = True, machines: Sequence[str] | None = None,
+                     mixup: MixupSpec | None = None) -> EvalResult:
     """Embed, score and measure a DCASE-layout dataset (`report.write_report` writes a report of it)."""
     dataset = scan_dataset(dataset_root, machines)
     embeddings = embed_dataset(model_paths, dataset, batch_size=batch_size, progress=progress,
                                layers=cfg.layers if cfg.layers is not None else "default")
-    return score_embeddings(embeddings, cfg)
+    return score_embeddings(embeddings, cfg, mixup)

@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 DOMAINS: tuple[str, str] = ("source", "target")
 BANK_JSON = "bank.json"
 MAX_REFS = 5_000_000  # refs per domain: far beyond a device's banks (docs/benchmarks.md measures 1M)
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SAFE_NAME = re.compile(r"^(?!\.\.?(@|$))[A-Za-z0-9_.-]+(@[a-z]+)?$")  # a layer, maybe with its pooling
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,14 @@ NORMALIZERS: tuple[str, ...] = ("none", "zscore-test", "zscore-domain", "ld", "l
 NONNEGATIVE_SCORES: tuple[str, ...] = ("none", "ld", "ld-domain")  # distances and distance ratios
 SIGMA_FALLBACKS: tuple[str, ...] = ("pooled", "source")
 LD_REDUCES: tuple[str, ...] = ("mean", "sum")
+# Beside each layer's kNN score: "off", or "add" the feature-statistics term (scoring/feature_stats.py).
+FEATURE_STATS: tuple[str, ...] = ("off", "add")
+# How the members (layers, statistics terms; then encoders) are combined: the raw "mean", or the mean of
+# each member "standardized" by the mean and std of its own leave-one-out training scores.
+FUSIONS: tuple[str, ...] = ("mean", "standardized")
 # Config fields the normalizer statistics depend on: stored statistics are reused only if they match.
 _STAT_FIELDS = ("normalizer", "metric", "k_n", "ld_k", "ld_reduce", "k_source", "k_target",
-                "sigma_fallback", "sigma_min_target")
+                "sigma_fallback", "sigma_min_target", "feature_stats", "feature_stats_layers", "fusion")
 # (field, lowest, highest): the highest values are far beyond any bank a device holds, and keep a typo
 # (or a hostile push) from asking for a billion neighbours.
 _INT_RANGES = (("k_n", 1, 1000), ("ld_k", 1, 1000), ("k_source", 1, 1000), ("k_target", 1, 1000),
@@ -47,9 +52,14 @@ class ScoringConfig:
     sigma_fallback: str = "pooled"  # zscore-domain: sigma when the target bank is too small
     sigma_min_target: int = 4  # zscore-domain: fewer target refs than this use the fallback sigma
     layers: tuple[str, ...] | None = None  # None: the model's default_layers present in the bank
+    feature_stats: str = "off"  # "add": each layer's feature-statistics term beside its kNN score
+    feature_stats_layers: tuple[str, ...] | None = None  # with "add": only these layers (None: every scored one)
+    fusion: str = "mean"  # "standardized": members standardized by their leave-one-out training scores
 
     def __post_init__(self) -> None:
         _choice("normalizer", self.normalizer, NORMALIZERS)
+        _choice("feature_stats", self.feature_stats, FEATURE_STATS)
+        _choice("fusion", self.fusion, FUSIONS)
         _choice("metric", self.metric, METRICS)
         _choice("ld_reduce", self.ld_reduce, LD_REDUCES)
         _choice("sigma_fallback", self.sigma_fallback, SIGMA_FALLBACKS)
@@ -59,6 +69,12 @@ class ScoringConfig:
                 raise ConfigError(f"{SECTION}.{name}", f"must be an integer >= {low}", value)
             if value > high:
                 raise ConfigError(f"{SECTION}.{name}", f"must be <= {high}", value)
+        chosen = self.feature_stats_layers
+        if chosen is not None and (not isinstance(chosen, tuple) or not chosen
+                                   or not all(isinstance(x, str) and x for x in chosen)
+                                   or len(set(chosen)) != len(chosen)):
+            raise ConfigError(f"{SECTION}.feature_stats_layers", "must be a non-empty list of distinct layer names",
+                              chosen)
         if self.layers is not None:
             layers = self.layers
             if (not isinstance(layers, tuple) or not layers
@@ -73,6 +89,7 @@ class ScoringConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["layers"] = None if self.layers is None else list(self.layers)
+        data["feature_stats_layers"] = None if self.feature_stats_layers is None else list(self.feature_stats_layers)
         return data
 
     @classmethod
@@ -86,8 +103,9 @@ class ScoringConfig:
                 if key not in known:
                     raise ConfigError(f"{SECTION}.{key}", f"unknown key; known: {', '.join(sorted(known))}")
             values = dict(data)
-            if isinstance(values.get("layers"), list):
-                values["layers"] = tuple(values["layers"])
+            for key in ("layers", "feature_stats_layers"):
+                if isinstance(values.get(key), list):
+                    values[key] = tuple(values[key])
             return cls(**values)
         except ConfigError as exc:
             raise exc.relocated(SECTION, path) from None

@@ -96,8 +96,8 @@ def test_batched_and_single_clip_agree(iter3_file: Path, audio: torch.Tensor) ->
         assert np.abs(a[1:] - b).max() <= 1e-5 * np.abs(b).max()
 
 
-def test_defaults_follow_genrep() -> None:
-    assert beats.default_layers("beats") == ("layer_4", "layer_5")
+def test_defaults_follow_the_genrep_dcase_2025_pairing_with_ld_domain() -> None:
+    assert beats.default_layers("beats") == ("layer_11", "layer_12")
     assert beats.default_exported_layers("beats") == tuple(f"layer_{i}" for i in range(1, 13))
 
 

@@ -62,7 +62,7 @@ def test_beats_export(beats_export: ExportResult) -> None:
     info = read_model_info(result.path)
     assert (info.family, info.variant, info.sample_rate, info.window_samples) == ("beats", "beats", 16000, 160000)
     assert info.layers == tuple(f"layer_{i}" for i in range(1, 13)) and set(info.dims) == {6144}
-    assert info.default_layers == ("layer_4", "layer_5")
+    assert info.default_layers == ("layer_11", "layer_12")
     checkpoint = result.path.parent / "beats.random-seed2.pt"
     model = beats.build("beats", info.layers, "time-mean", checkpoint)
     assert _compare(result, model) < MAX_REL_ERROR

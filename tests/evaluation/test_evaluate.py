@@ -14,14 +14,14 @@ import pytest
 from edge_agent.audio.resample import resample
 from edge_agent.audio.wavio import read_wav
 from edge_agent.cli import add_evaluate_arguments, run_evaluate
-from edge_agent.errors import DatasetError, EdgeAsdError
+from edge_agent.errors import ConfigError, DatasetError, EdgeAsdError
 from edge_agent.evaluation.dcase import scan_dataset
 from edge_agent.evaluation.evaluate import embed_dataset, evaluate_dataset, score_embeddings
 from edge_agent.evaluation.report import write_report
 from edge_agent.evaluation.synthetic import synthesize_dataset, write_demo_recording
 from edge_agent.model.embedding import embed_windows
 from edge_agent.model.encoder import Encoder
-from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.bank import MemoryBank, MixupSpec
 from edge_agent.scoring.config import ScoringConfig
 from edge_agent.scoring.scorer import BankScorer
 
@@ -193,3 +193,32 @@ def test_demo_recording_anomaly_stands_out_for_pretrained_mn04(mn04_real_onnx: P
     anomalous = scores[3:5]  # windows 30-40 s and 40-50 s lie inside the span
     assert anomalous.min() > 1.5 * normal.max(), scores
     assert normal.max() < scorer.loo_scores().max() * 1.5, scores
+
+
+def test_every_scoring_knob_reaches_evaluate(mn04_random_onnx: Path, synthetic_root: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    args = parser.parse_args(["--model", str(mn04_random_onnx), "--dataset", str(synthetic_root), "--machines", "fan",
+                              "--metric", "sqeuclidean", "--k-n", "2", "--k-source", "8", "--k-target", "3",
+                              "--ld-k", "12", "--ld-reduce", "sum", "--feature-stats", "add",
+                              "--fusion", "standardized", "--memmixup", "4,0.8", "--json", "--no-progress"])
+    assert run_evaluate(args) == 0
+    config = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"]
+    assert {k: config[k] for k in ("metric", "k_n", "k_source", "k_target", "ld_k", "ld_reduce", "feature_stats",
+                                   "fusion")} == {"metric": "sqeuclidean", "k_n": 2, "k_source": 8, "k_target": 3,
+                                                  "ld_k": 12, "ld_reduce": "sum", "feature_stats": "add",
+                                                  "fusion": "standardized"}
+    assert config["memmixup"] == {"lam": 0.8, "k": 4}
+    # the knobs change the scores computed from the same embeddings
+    dataset = scan_dataset(synthetic_root, machines=["fan"])
+    embeddings = embed_dataset([mn04_random_onnx], dataset, progress=False, layers="default")
+    plain = score_embeddings(embeddings, ScoringConfig()).sections[0].scores
+    fused = score_embeddings(embeddings, ScoringConfig(feature_stats="add", fusion="standardized")).sections[0].scores
+    mixed = score_embeddings(embeddings, ScoringConfig(), MixupSpec(0.8, 4)).sections[0].scores
+    assert not np.allclose(plain, fused) and not np.allclose(plain, mixed)
+    for bad in ("4", "0,0.5", "4,1.5", "a,b"):
+        args = parser.parse_args(["--model", str(mn04_random_onnx), "--dataset", str(synthetic_root),
+                                  "--memmixup", bad, "--no-progress"])
+        with pytest.raises(ConfigError, match="--memmixup"):
+            run_evaluate(args)
