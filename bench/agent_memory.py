@@ -1,6 +1,8 @@
 """The monitoring agent (`edge-agent run --config`): peak RSS and end-to-end latency per window.
 
-    .venv/bin/python bench/agent_memory.py [--models mn04,ced-tiny] [--json-dir bench/results]
+    .venv/bin/python bench/agent_memory.py [--models mn04,ced-tiny,mn04+ced-tiny] [--json-dir bench/results]
+
+`a+b` is an ensemble: the agent's `models:` with both encoders, one ensemble bank.
 
 For each encoder: `edge-agent synth` writes a small training set and a demo recording (normal, with
 an anomaly in the middle); `edge-agent enroll` builds the bank (ld-domain, the defaults); then the
@@ -33,8 +35,7 @@ EDGE_AGENT = benchlib.REPO / ".venv" / "bin" / "edge-agent"
 CONFIG = """\
 node: bench
 state_dir: {state}
-model:
-  path: {model}
+{model}
 sources:
   - name: demo
     type: file
@@ -88,7 +89,7 @@ def import_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mn04,ced-tiny")
+    parser.add_argument("--models", default="mn04,ced-tiny,mn04+ced-tiny")
     parser.add_argument("--demo-seconds", type=float, default=60.0)
     parser.add_argument("--json-dir", type=Path, default=None)
     args = parser.parse_args()
@@ -103,10 +104,12 @@ def main() -> None:
                         "--train-target", "5", "--test-per-class", "1", "--demo", str(recording),
                         "--demo-seconds", str(args.demo_seconds)], check=True, capture_output=True)
         for name in [m for m in args.models.split(",") if m]:
-            model = benchlib.model_path(name)
+            paths = [benchlib.model_path(member) for member in name.split("+")]
+            model = (f"model:\n  path: {paths[0]}" if len(paths) == 1
+                     else "models:\n" + "".join(f"  - path: {p}\n" for p in paths).rstrip("\n"))
             bank = tmp / f"bank-{name}"
-            subprocess.run([str(EDGE_AGENT), "enroll", "--model", str(model), "--bank", str(bank),
-                            "--train", str(data / "fan" / "train"), "--no-progress"], check=True,
+            subprocess.run([str(EDGE_AGENT), "enroll", *[a for p in paths for a in ("--model", str(p))], "--bank",
+                            str(bank), "--train", str(data / "fan" / "train"), "--no-progress"], check=True,
                            capture_output=True)
             row = {}
             for mode, realtime in (("fast", "false"), ("realtime", "true")):

@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="fp16 weights, fp32 input/outputs")
-    precision.add_argument("--quantize", choices=QUANTIZE_MODES, help="dynamic weight quantization")
+    precision.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="int8: dynamic quantization of the matrix products; int8-static: static QDQ int8 of convolutions "
+        "and matrix products too, calibrated on synthetic normal machine sound (front-end kept fp32)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random-init seed and verification audio seed")
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX-vs-PyTorch check")
     parser.add_argument("--no-download", action="store_true", help="never download official weights")

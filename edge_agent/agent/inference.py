@@ -120,7 +120,7 @@ class InferenceLoop:
         live = [w for w in batch if w.source in runtime.pipelines]
         if not live:
             return
-        prepared = models.prepare([(w.samples, w.sample_rate) for w in live])
+        prepared = models.prepare([(w.samples, w.sample_rate) for w in live], [w.resampled for w in live])
         t_resampled = time.monotonic()
         embs = models.embed(prepared)
         t_embedded = time.monotonic()

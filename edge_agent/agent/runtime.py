@@ -171,6 +171,7 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
         else:
             source = make_source(src, models.capture_rate)
             fresh.append(source)
+        source.resample_to = models.rates  # from its next windower on (a new file or stream)
         tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
         if old is not None and old.bank is banks and old.threshold == threshold and old.cfg.drift == src.drift:
             drift = old.drift

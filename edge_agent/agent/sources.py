@@ -21,7 +21,7 @@ import numpy as np
 from edge_agent.agent.config import SourceConfig
 from edge_agent.audio.quality import window_fault
 from edge_agent.audio.wavio import read_wav
-from edge_agent.audio.windowing import Window, Windower
+from edge_agent.audio.windowing import MultiRateWindower, Window, Windower, make_windower
 from edge_agent.errors import AudioError
 from edge_agent.logs import get_logger
 
@@ -106,11 +106,14 @@ class AudioSource:
         self.cfg = cfg
         self.name = cfg.name
         self.model_rate = model_rate
+        # the model rates whose copies of overlapping windows are cut from the stream resampled once (set by the
+        # runtime; read when a windower is made: at a new file or stream)
+        self.resample_to: tuple[int, ...] = ()
         self.health = SourceHealth()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sink: WindowSink | None = None
-        self._windower: Windower | None = None
+        self._windower: Windower | MultiRateWindower | None = None
         self._lock = threading.Lock()
         self._fault_kind: str | None = None
 
@@ -165,7 +168,16 @@ class AudioSource:
     def _emit(self, samples: np.ndarray, start_time: float, gap: bool = False) -> None:
         assert self._windower is not None and self._sink is not None
         self.health.last_frame_time = start_time + len(samples) / self._windower.sample_rate
-        for window in self._windower.push(samples, start_time, gap):
+        self._deliver(self._windower.push(samples, start_time, gap))
+
+    def _end_stream(self) -> None:
+        """The stream ended (a file's end): windows still waiting for their resampled copies go out without."""
+        if isinstance(self._windower, MultiRateWindower):
+            self._deliver(self._windower.reset())
+
+    def _deliver(self, windows: list[Window]) -> None:
+        assert self._sink is not None
+        for window in windows:
             fault = window_fault(window.samples, window.sample_rate, self.cfg.audio_checks)
             if fault is not None:  # reported, never scored: broken input is not an anomaly of the machine
                 self._fault(fault.kind, fault.detail)
@@ -227,7 +239,8 @@ class FileSource(AudioSource):
             raise AudioError(f"{path}: {len(audio) / rate:.3g} s of audio, shorter than one "
                              f"{self.cfg.window_seconds:g} s window")
         if self._windower is None or self._windower.sample_rate != rate:
-            self._windower = Windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds)
+            self._windower = make_windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds,
+                                           self.resample_to)
         block = max(1, round(self.cfg.block_seconds * rate))
         # Replayed audio is stamped in audio time: one second of a recording spans one second of stamps whatever
         # the replay speed, and a file never starts before the last one ended. (Evidence clips place samples by
@@ -244,6 +257,7 @@ class FileSource(AudioSource):
                 if delay > 0 and self._stop.wait(delay):
                     return
             self._emit(audio[offset: offset + block], t0 + offset / rate, gap=offset == 0)
+        self._end_stream()
 
 
 class StdinSource(AudioSource):
@@ -260,7 +274,8 @@ class StdinSource(AudioSource):
         assert self.cfg.sample_rate is not None
         rate, channels = self.cfg.sample_rate, self.cfg.channels
         stream = self.stream if self.stream is not None else sys.stdin.buffer
-        self._windower = Windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds)
+        self._windower = make_windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds,
+                                           self.resample_to)
         frame_bytes = 2 * channels
         block_bytes = max(1, round(self.cfg.block_seconds * rate)) * frame_bytes
         pending = b""
@@ -270,6 +285,7 @@ class StdinSource(AudioSource):
         while not self._stop.is_set():
             data = stream.read(block_bytes)
             if not data:
+                self._end_stream()
                 return
             pending += data
             usable = len(pending) - len(pending) % frame_bytes
@@ -315,7 +331,8 @@ class MicSource(AudioSource):
         return stream
 
     def _capture(self) -> None:
-        self._windower = Windower(self.name, self.rate, self.cfg.window_seconds, self.cfg.hop_seconds)
+        self._windower = make_windower(self.name, self.rate, self.cfg.window_seconds, self.cfg.hop_seconds,
+                                       self.resample_to)
         delay = self.cfg.retry_initial_seconds
         while not self._stop.is_set():
             reason, had_audio = self._stream_once()

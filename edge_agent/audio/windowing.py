@@ -7,11 +7,14 @@ shift it towards silence.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from edge_agent.audio.stream_resample import StreamResampler
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class Window:
     sample_rate: int
     index: int = 0  # live: per-source counter since the source started
     captured_at: float = 0.0  # live: time.monotonic() when the window was complete (latency)
+    # live: the same window cut from the stream resampled once to other rates (model rate -> samples)
+    resampled: Mapping[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -90,3 +95,63 @@ class Windower:
             self._buf = self._buf[self.hop:]
             self._buf_time += self.hop / self.sample_rate
         return out
+
+
+class MultiRateWindower:
+    """A `Windower` at the capture rate that also cuts every window from the stream resampled once to each of
+    `rates` (a `StreamResampler` per rate), so that overlapping windows are not resampled again for each window.
+
+    A rate is streamed only where the window and the hop are whole numbers of samples at both rates (then window
+    k covers the same span at every rate); the others are left to per-window resampling. Windows are handed out
+    when every streamed rate has its copy (the resampler lags a few samples behind); a gap hands out those still
+    waiting without their copies.
+    """
+
+    def __init__(self, source: str, sample_rate: int, window_seconds: float, hop_seconds: float,
+                 rates: Sequence[int]) -> None:
+        self.base = Windower(source, sample_rate, window_seconds, hop_seconds)
+        self.sample_rate = self.base.sample_rate
+        self._streams: dict[int, tuple[StreamResampler, Windower]] = {}
+        for rate in sorted(set(int(r) for r in rates) - {self.sample_rate}):
+            if all(_whole(seconds * r) for seconds in (window_seconds, hop_seconds) for r in (rate, sample_rate)):
+                self._streams[rate] = (StreamResampler(self.sample_rate, rate),
+                                       Windower(source, rate, window_seconds, hop_seconds))
+        self._pending: deque[Window] = deque()
+        self._ready: dict[int, deque[np.ndarray]] = {rate: deque() for rate in self._streams}
+
+    @property
+    def streamed_rates(self) -> list[int]:
+        return list(self._streams)
+
+    def reset(self) -> list[Window]:
+        """A gap: the windows still waiting for their copies, then a fresh start at every rate."""
+        out = list(self._pending)
+        self._pending.clear()
+        self.base.reset()
+        for rate, (resampler, windower) in self._streams.items():
+            resampler.reset()
+            windower.reset()
+            self._ready[rate].clear()
+        return out
+
+    def push(self, samples: np.ndarray, start_time: float, gap: bool = False) -> list[Window]:
+        out = self.reset() if gap else []
+        self._pending.extend(self.base.push(samples, start_time))
+        for rate, (resampler, windower) in self._streams.items():
+            self._ready[rate].extend(w.samples for w in windower.push(resampler.process(samples), start_time))
+        while self._pending and all(self._ready[rate] for rate in self._streams):
+            window = self._pending.popleft()
+            out.append(replace(window, resampled={rate: self._ready[rate].popleft() for rate in self._streams}))
+        return out
+
+
+def make_windower(source: str, sample_rate: int, window_seconds: float, hop_seconds: float,
+                  rates: Sequence[int] = ()) -> Windower | MultiRateWindower:
+    """Overlapping windows (hop < window) to be resampled: resample the stream once; else a plain Windower."""
+    if hop_seconds < window_seconds and set(rates) - {int(sample_rate)}:
+        return MultiRateWindower(source, sample_rate, window_seconds, hop_seconds, rates)
+    return Windower(source, sample_rate, window_seconds, hop_seconds)
+
+
+def _whole(samples: float) -> bool:
+    return abs(samples - round(samples)) < 1e-6

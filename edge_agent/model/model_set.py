@@ -7,7 +7,7 @@ each member's rate before its encoder runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,13 +38,24 @@ class ModelSet:
     def __len__(self) -> int:
         return len(self.encoders)
 
-    def prepare(self, windows: Sequence[tuple[np.ndarray, int]]) -> list[np.ndarray]:
-        """(samples, rate) windows -> per member [B, window_samples] at that member's rate."""
+    @property
+    def rates(self) -> tuple[int, ...]:
+        """The members' sample rates (a live source resamples its stream once to each)."""
+        return tuple(sorted({e.info.sample_rate for e in self.encoders}))
+
+    def prepare(self, windows: Sequence[tuple[np.ndarray, int]],
+                resampled: Sequence[Mapping[int, np.ndarray]] | None = None) -> list[np.ndarray]:
+        """(samples, rate) windows -> per member [B, window_samples] at that member's rate. `resampled`: per
+        window, copies already at some rates (cut from a stream resampled once); others are resampled here."""
         out = []
         for enc in self.encoders:
             info = enc.info
-            out.append(np.stack([fit_to_window(resample(samples, rate, info.sample_rate), info.window_samples)
-                                 for samples, rate in windows]))
+            rows = []
+            for i, (samples, rate) in enumerate(windows):
+                ready = resampled[i].get(info.sample_rate) if resampled is not None else None
+                x = ready if ready is not None else resample(samples, rate, info.sample_rate)
+                rows.append(fit_to_window(x, info.window_samples))
+            out.append(np.stack(rows))
         return out
 
     def embed(self, prepared: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
