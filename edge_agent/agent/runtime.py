@@ -171,7 +171,9 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
         else:
             source = make_source(src, models.capture_rate)
             fresh.append(source)
-        source.resample_to = models.rates  # from its next windower on (a new file or stream)
+        # Paced sources resample their stream once per model rate (from their next windower on: a new file or
+        # stream). A file replayed as fast as possible fills the window queue, where each copy would wait too.
+        source.resample_to = models.rates if src.type in ("mic", "stdin") or src.realtime else ()
         tracker = old.tracker if old is not None else EpisodeTracker(context, src.hysteresis)
         if old is not None and old.bank is banks and old.threshold == threshold and old.cfg.drift == src.drift:
             drift = old.drift

@@ -11,13 +11,14 @@ import base64
 import binascii
 import json
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from edge_agent.errors import EdgeAsdError
+
+# `cryptography` (about 8 MB of resident memory) is imported only where a key is used: a node that pins no
+# keys never loads it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 
 class SignatureError(EdgeAsdError):
@@ -46,6 +47,8 @@ def verify(document: dict[str, Any], trusted_keys: list[str]) -> int:
         signature = base64.b64decode(given, validate=True)
     except (binascii.Error, ValueError):
         raise SignatureError("signature: not base64") from None
+    from cryptography.exceptions import InvalidSignature
+
     message = signed_bytes(document)
     for i, encoded in enumerate(trusted_keys):
         try:
@@ -57,24 +60,35 @@ def verify(document: dict[str, Any], trusted_keys: list[str]) -> int:
 
 
 def public_key(encoded: str) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     return Ed25519PublicKey.from_public_bytes(base64.b64decode(encoded, validate=True))
 
 
 def encode_public_key(key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode("ascii")
 
 
 def new_private_key() -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate()
 
 
 def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except OSError as exc:

@@ -165,6 +165,13 @@ class AudioSource:
             self._fault_kind = None
             self._set_state("running")
 
+    def _windower_for(self, rate: int) -> Windower | MultiRateWindower:
+        windower = make_windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds, self.resample_to)
+        if isinstance(windower, MultiRateWindower) and windower.streamed_rates:
+            log.info("stream_resampling", source=self.name, rate=rate, rates=",".join(map(str,
+                                                                                            windower.streamed_rates)))
+        return windower
+
     def _emit(self, samples: np.ndarray, start_time: float, gap: bool = False) -> None:
         assert self._windower is not None and self._sink is not None
         self.health.last_frame_time = start_time + len(samples) / self._windower.sample_rate
@@ -239,8 +246,7 @@ class FileSource(AudioSource):
             raise AudioError(f"{path}: {len(audio) / rate:.3g} s of audio, shorter than one "
                              f"{self.cfg.window_seconds:g} s window")
         if self._windower is None or self._windower.sample_rate != rate:
-            self._windower = make_windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds,
-                                           self.resample_to)
+            self._windower = self._windower_for(rate)
         block = max(1, round(self.cfg.block_seconds * rate))
         # Replayed audio is stamped in audio time: one second of a recording spans one second of stamps whatever
         # the replay speed, and a file never starts before the last one ended. (Evidence clips place samples by
@@ -274,8 +280,7 @@ class StdinSource(AudioSource):
         assert self.cfg.sample_rate is not None
         rate, channels = self.cfg.sample_rate, self.cfg.channels
         stream = self.stream if self.stream is not None else sys.stdin.buffer
-        self._windower = make_windower(self.name, rate, self.cfg.window_seconds, self.cfg.hop_seconds,
-                                           self.resample_to)
+        self._windower = self._windower_for(rate)
         frame_bytes = 2 * channels
         block_bytes = max(1, round(self.cfg.block_seconds * rate)) * frame_bytes
         pending = b""
@@ -331,8 +336,7 @@ class MicSource(AudioSource):
         return stream
 
     def _capture(self) -> None:
-        self._windower = make_windower(self.name, self.rate, self.cfg.window_seconds, self.cfg.hop_seconds,
-                                       self.resample_to)
+        self._windower = self._windower_for(self.rate)
         delay = self.cfg.retry_initial_seconds
         while not self._stop.is_set():
             reason, had_audio = self._stream_once()

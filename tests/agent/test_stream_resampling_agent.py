@@ -31,14 +31,15 @@ node: n
 state_dir: {tmp_path / "state"}
 model: {{path: {toy_model}}}
 sources:
-  - {{name: fan, type: file, path: {wav}, realtime: false, bank: {bank_dir}, window_seconds: 1, hop_seconds: 0.25,
-      publish_scores: true, audio_checks: {{band_drop_db: 0}}}}
+  - {{name: fan, type: file, path: {wav}, realtime: true, speed: 20, bank: {bank_dir}, window_seconds: 1,
+      hop_seconds: 0.25, publish_scores: true, audio_checks: {{band_drop_db: 0}}}}
 output: {{jsonl: {tmp_path / "alerts.jsonl"}, stdout: true}}
 metrics: {{enabled: false}}
 """)
     result = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(config)], capture_output=True,
                             text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "event=stream_resampling source=fan rate=16000 rates=8000" in result.stderr
     scores = [json.loads(line)["score"] for line in result.stdout.splitlines() if '"latency_ms"' in line]
     samples, rate = read_wav(wav)
     starts = range(0, len(samples) - rate + 1, rate // 4)
