@@ -61,6 +61,17 @@ class StreamResampler:
         self.reset()
         return out
 
+    def peek_tail(self) -> np.ndarray:
+        """The outputs `flush()` would return now (zeros assumed after the input so far), without changing the
+        stream: a window can be completed at once instead of waiting `latency` samples for the next block."""
+        if self.up == self.down:
+            return np.zeros(0, np.float32)
+        saved = (self.inputs, self.outputs, self._first, self._buf.copy())
+        try:
+            return self._emit(np.zeros(0, np.float32), -(-self.inputs * self.up // self.down))
+        finally:
+            self.inputs, self.outputs, self._first, self._buf = saved
+
     def _emit(self, block: np.ndarray, end: int) -> np.ndarray:
         count = end - self.outputs
         kept = self._buf.shape[0]

@@ -102,9 +102,10 @@ class MultiRateWindower:
     `rates` (a `StreamResampler` per rate), so that overlapping windows are not resampled again for each window.
 
     A rate is streamed only where the window and the hop are whole numbers of samples at both rates (then window
-    k covers the same span at every rate); the others are left to per-window resampling. Windows are handed out
-    when every streamed rate has its copy (the resampler lags a few samples behind); a gap hands out those still
-    waiting without their copies.
+    k covers the same span at every rate); the others are left to per-window resampling. A window goes out as
+    soon as it is complete at the capture rate: the resampler lags a few samples behind, so the last samples of
+    its copy are computed as at the end of a stream (zeros after the input so far, as per-window resampling
+    does at a window's end), and the stream's own copy of that window, once complete, is skipped.
     """
 
     def __init__(self, source: str, sample_rate: int, window_seconds: float, hop_seconds: float,
@@ -118,6 +119,7 @@ class MultiRateWindower:
                                        Windower(source, rate, window_seconds, hop_seconds))
         self._pending: deque[Window] = deque()
         self._ready: dict[int, deque[np.ndarray]] = {rate: deque() for rate in self._streams}
+        self._skip: dict[int, int] = {rate: 0 for rate in self._streams}  # copies already handed out early
 
     @property
     def streamed_rates(self) -> list[int]:
@@ -132,17 +134,37 @@ class MultiRateWindower:
             resampler.reset()
             windower.reset()
             self._ready[rate].clear()
+            self._skip[rate] = 0
         return out
 
     def push(self, samples: np.ndarray, start_time: float, gap: bool = False) -> list[Window]:
         out = self.reset() if gap else []
         self._pending.extend(self.base.push(samples, start_time))
         for rate, (resampler, windower) in self._streams.items():
-            self._ready[rate].extend(w.samples for w in windower.push(resampler.process(samples), start_time))
-        while self._pending and all(self._ready[rate] for rate in self._streams):
+            for window in windower.push(resampler.process(samples), start_time):
+                if self._skip[rate]:
+                    self._skip[rate] -= 1
+                else:
+                    self._ready[rate].append(window.samples)
+        while self._pending:
             window = self._pending.popleft()
-            out.append(replace(window, resampled={rate: self._ready[rate].popleft() for rate in self._streams}))
+            copies = {}
+            for rate in self._streams:
+                if self._ready[rate]:
+                    copies[rate] = self._ready[rate].popleft()
+                else:
+                    copies[rate] = self._early_copy(rate)
+                    self._skip[rate] += 1
+            out.append(replace(window, resampled=copies))
         return out
+
+    def _early_copy(self, rate: int) -> np.ndarray:
+        """The next window's copy at `rate` now: the stream's samples so far and, for the last few, the
+        resampler's output as if the stream ended here."""
+        resampler, windower = self._streams[rate]
+        start = self._skip[rate] * windower.hop  # copies handed out early and not yet cut from the stream
+        joined = np.concatenate([windower._buf, resampler.peek_tail()])
+        return joined[start:start + windower.window].copy()
 
 
 def make_windower(source: str, sample_rate: int, window_seconds: float, hop_seconds: float,
