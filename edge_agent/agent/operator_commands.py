@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent.config import AgentConfig
-from edge_agent.agent.evidence import ClipWriter, EvidenceStore
+from edge_agent.agent.evidence import ClipInfo, ClipWriter, EvidenceStore
 from edge_agent.agent.learning import LearnJob, build_learned_banks
 from edge_agent.agent.outputs import Outputs
 from edge_agent.agent.payloads import SCHEMA_VERSION, command_result
@@ -134,7 +134,8 @@ class OperatorCommands:
 
     # --- clip ---
 
-    def clip(self, args: dict[str, Any], request_id: str | None) -> None:
+    def _finished_clip(self, args: dict[str, Any], why: str = "") -> tuple[EvidenceStore, str, ClipInfo]:
+        """The store, the `event_id` argument and its finished clip; ConfigError naming the argument otherwise."""
         store = self._store()
         event_id = args.get("event_id")
         if not isinstance(event_id, str):
@@ -145,7 +146,11 @@ class OperatorCommands:
             raise ConfigError("event_id", str(exc), event_id) from None
         if info is None:
             raise ConfigError("event_id", "no finished evidence clip with this id on this node (still recording, "
-                              "evicted by the quota, or never recorded)", event_id)
+                              f"evicted by the quota, or never recorded){why}", event_id)
+        return store, event_id, info
+
+    def clip(self, args: dict[str, Any], request_id: str | None) -> None:
+        store, event_id, info = self._finished_clip(args)
         chunk = args.get("chunk_bytes", CHUNK_DEFAULT)
         if isinstance(chunk, bool) or not isinstance(chunk, int) or not CHUNK_MIN <= chunk <= CHUNK_MAX:
             raise ConfigError("chunk_bytes", f"must be an integer in [{CHUNK_MIN}, {CHUNK_MAX}]", chunk)
@@ -182,17 +187,7 @@ class OperatorCommands:
     # --- feedback ---
 
     def feedback(self, args: dict[str, Any], request_id: str | None) -> None:
-        store = self._store()
-        event_id = args.get("event_id")
-        if not isinstance(event_id, str):
-            raise ConfigError("event_id", "must be the event_id of an alert (a string)", event_id)
-        try:
-            info = store.get(event_id)
-        except ValueError as exc:
-            raise ConfigError("event_id", str(exc), event_id) from None
-        if info is None:
-            raise ConfigError("event_id", "no finished evidence clip with this id on this node (still open, evicted "
-                              "by the quota, or never recorded): feedback needs the episode's windows", event_id)
+        store, event_id, info = self._finished_clip(args, ": feedback needs the episode's windows")
         undo = args.get("undo", False)
         if not isinstance(undo, bool):
             raise ConfigError("undo", "must be true or false", undo)
