@@ -135,3 +135,12 @@ def add_common_arguments(parser: Any) -> None:
     parser.add_argument("--json-dir", type=Path, default=None,
                         help=f"write raw numbers as JSON here (e.g. {RESULTS_DIR.relative_to(REPO)})")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median reported)")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a bench's own mosquitto)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -52,11 +51,6 @@ fleet: {{groups: [{group}]}}
 control: {{trial_seconds: 30}}
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -97,7 +91,7 @@ def main() -> None:
             return {"url": f"{url}/{name}", "sha256": hashlib.sha256(body).hexdigest(), "size": len(body),
                     "version": version}
 
-        port = free_port()
+        port = benchlib.free_port()
         conf = tmp / "mosquitto.conf"
         user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
         conf.write_text(f"user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\n")

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -58,11 +57,6 @@ metrics: {{enabled: false}}
 evidence: {{pre_roll_seconds: 10}}
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Bus:
@@ -127,7 +121,7 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         procs: list[subprocess.Popen[bytes]] = []
         recording = write_demo_recording(tmp / "fan.wav", seconds=SECONDS, anomaly_span=ANOMALY, seed=1)
-        port = free_port()
+        port = benchlib.free_port()
         conf = tmp / "mosquitto.conf"
         user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
         conf.write_text(f"user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\n")

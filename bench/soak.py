@@ -60,11 +60,6 @@ logging:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 class Broker:
     def __init__(self, workdir: Path, port: int) -> None:
@@ -153,7 +148,7 @@ def main() -> None:
                         "--demo-seconds", "300"], check=True, capture_output=True)
         subprocess.run([str(EDGE_AGENT), "enroll", "--model", str(model), "--bank", str(bank), "--train",
                         str(data / "fan" / "train"), "--no-progress"], check=True, capture_output=True)
-        port = free_port()
+        port = benchlib.free_port()
         broker = Broker(tmp, port)
         broker.start()
         config = tmp / "agent.yaml"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
+import os
 import shutil
 import signal
 import socket
@@ -11,13 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import paho.mqtt.client as paho
+import pytest
 from onnx import TensorProto, helper
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -258,6 +261,19 @@ def wait_for_log(path: Path, predicate: Callable[[str], bool], timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}; log tail:\n{text[-3000:]}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (as mount's `-o size=`) mounted at `mount` while the block runs; skips without root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True, timeout=30)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
 
 
 def _openssl(*args: str, cwd: Path) -> None:

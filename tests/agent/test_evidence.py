@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import stat
-import subprocess
 import threading
 import time
 import uuid
@@ -31,6 +30,8 @@ from edge_agent.agent.evidence import (
     EvidenceStore,
 )
 from edge_agent.clock import iso_time
+
+from .agent_helpers import tmpfs
 
 RATE = 16000
 T0 = 1.76e9 + 0.123  # epoch seconds of the stream's first sample
@@ -425,15 +426,8 @@ def test_hostile_files_are_skipped_then_cleaned_up(tmp_path: Path, caplog: pytes
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs (CI runs as root) to fill up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True, timeout=30)
-    try:
+    with tmpfs(tmp_path / "tiny", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
 
 
 def fill(directory: Path) -> Path:

@@ -36,6 +36,7 @@ from .agent_helpers import (
     noise,
     start_agent,
     stop_agent,
+    tmpfs,
     wait_for_log,
     write_anomaly_wav,
     write_config,
@@ -164,15 +165,8 @@ def test_broker_restart_loop_during_episodes_loses_nothing(tmp_path: Path, toy_m
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 3 MiB tmpfs (CI runs as root) to fill up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True, timeout=30)
-    try:
+    with tmpfs(tmp_path / "tiny", "3m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
 
 
 def _fill(directory: Path) -> None:
