@@ -334,6 +334,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add each layer's feature-statistics term beside its kNN score (default: %(default)s)")
     parser.add_argument("--feature-stats-layers", default=None, metavar="LAYERS",
                         help="with --feature-stats add: only these comma-separated layers (default: every scored one)")
+    parser.add_argument("--feature-stats-eps", type=float, default=defaults.feature_stats_eps, metavar="EPS",
+                        help="with --feature-stats add: each dimension's std floor, as a share of the layer's typical "
+                             f"within-domain std (default {defaults.feature_stats_eps:g})")
     parser.add_argument("--fusion", choices=FUSIONS, default=defaults.fusion,
                         help="combine the members raw (mean) or standardized by their leave-one-out training "
                              "scores (default: %(default)s)")
@@ -366,6 +369,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     cfg = ScoringConfig(normalizer=args.normalization, layers=tuple(layers) if layers else None, metric=args.metric,
                         k_n=args.k_n, k_source=args.k_source, k_target=args.k_target, ld_k=args.ld_k,
                         ld_reduce=args.ld_reduce, feature_stats=args.feature_stats, fusion=args.fusion,
+                        feature_stats_eps=args.feature_stats_eps,
                         feature_stats_layers=tuple(_split(args.feature_stats_layers) or ()) or None)
     result = evaluate_dataset(args.models, args.dataset, cfg, batch_size=args.batch_size,
                               progress=not args.no_progress, machines=_split(args.machines),

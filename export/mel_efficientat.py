@@ -7,8 +7,24 @@ waveform [B, S] at 32 kHz -> log-mel [B, 128, T]:
   power |X|^2; Kaldi mel banks (128 bins, 0 .. 15 kHz, Nyquist column zero); log(x + 1e-5); (x + 4.5) / 5
 
 In eval mode the official code uses fmin = 0 and fmax = sr/2 - fmax_aug_range/2 = 16000 - 1000 = 15000 Hz.
-The STFT is a strided conv1d with fixed windowed DFT bases: it exports to plain Conv/Pad ops that run
-identically in onnxruntime on CPU, CUDA and TensorRT (the ONNX STFT op is not supported everywhere).
+
+Two formulations of the STFT, both plain MatMul/Conv/Reshape/Slice ops that run in onnxruntime on CPU, CUDA
+and TensorRT (the ONNX STFT and DFT ops measured slower on ONNX Runtime's CPU kernels, docs/benchmarks.md):
+- `fft` (default): a two-stage Cooley-Tukey split of the 1024-point DFT, n = 32 a + b, k = k1 + 32 k2:
+      X[k1 + 32 k2] = sum_b e^(-2 pi i b k2 / 32) [e^(-2 pi i b k1 / 1024) sum_a w[n] x[n] e^(-2 pi i a k1 / 32)]
+  The window is 800 = 25 x 32 samples and the hop 320 = 10 x 32, so a frame is 25 consecutive rows of 32
+  samples and the framing is three slices of the signal laid out as rows; stage 1 is one batched MatMul
+  per b (window and twiddles folded into its matrix, 25 x 64), stage 2 one MatMul over b (32 -> 2 x 15 k2
+  values: bins 0..479, all the mel filters use). 0.23 GFLOP against the direct DFT's 1.53 per 10 s.
+- `conv`: the direct DFT as a strided conv1d with windowed DFT bases (479 bins x 800 taps), the export of
+  earlier releases (kept for comparison: `bench/encoders.py --stft conv,fft`).
+The mel filters are triangles: they are applied in bands of 16 filters, each a MatMul over the FFT bins its
+filters touch (a tenth of the dense 128 x 480 product).
+
+float32 rounding: the split's stage 2 adds 32 terms of magnitude |X| / 32 where the direct DFT adds 800
+windowed samples, so next to a loud pure tone (a chirp's far bins) its log-mel error against a float64
+reference is ~3x the conv's and ~2.4x that of the official float32 torch.stft front-end; on broadband
+signals they are level (tests/export/test_mel_efficientat.py).
 """
 
 from __future__ import annotations
@@ -31,6 +47,10 @@ PREEMPHASIS = 0.97
 LOG_OFFSET = 1e-5
 NORM_SHIFT = 4.5
 NORM_SCALE = 5.0
+STFT_METHODS = ("fft", "conv")
+DEFAULT_STFT = "fft"
+ROW = 32  # the fft split: n = ROW * a + b; ROW divides n_fft, the window and the hop
+MEL_BAND = 16  # mel filters per banded MatMul
 
 
 def kaldi_mel_scale(freq: np.ndarray | float) -> np.ndarray:
@@ -75,36 +95,102 @@ def num_frames(samples: int) -> int:
     return 1 + (samples - 1) // HOP_LENGTH
 
 
+def fft_split_matrices(window: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two stages of the split DFT for a window of len(window) samples, float64.
+
+    stage1 [ROW (b), 2 K1 (cos k1 | -sin k1), A (a)] = w[ROW a + b] e^(-2 pi i (a k1 / K1 + b k1 / n_fft)),
+    K1 = n_fft / ROW, A = len(window) / ROW; stage2 [2 K2 (cos | sin), ROW (b)] = e^(-2 pi i b k2 / ROW) parts,
+    K2 = ceil(n_bins / K1): bin k1 + K1 k2 of frame t is stage2 applied over b to stage1 applied over a.
+    """
+    k1_count, rows = N_FFT // ROW, len(window) // ROW
+    a, b, k1 = np.arange(rows), np.arange(ROW), np.arange(k1_count)
+    phase = 2.0 * math.pi * (a[None, None, :] * k1[None, :, None] / k1_count
+                             + b[:, None, None] * k1[None, :, None] / N_FFT)
+    weights = window[ROW * a[None, None, :] + b[:, None, None]]
+    stage1 = np.concatenate([weights * np.cos(phase), -weights * np.sin(phase)], axis=1)
+    theta = 2.0 * math.pi * np.outer(np.arange(-(-n_bins // k1_count)), b) / ROW
+    stage2 = np.concatenate([np.cos(theta), np.sin(theta)], axis=0)
+    return stage1, stage2
+
+
+def mel_bands(mel: np.ndarray, size: int = MEL_BAND) -> list[tuple[int, int, int]]:
+    """(first filter, first bin, end bin) of each band of `size` filters: the bins its filters touch."""
+    bands = []
+    for first in range(0, mel.shape[0], size):
+        touched = np.flatnonzero(mel[first:first + size].any(axis=0))
+        bands.append((first, int(touched[0]), int(touched[-1]) + 1))
+    return bands
+
+
 class MelEfficientAT(nn.Module):
-    """waveform [B, S] float32 -> normalized log-mel [B, 128, 1 + (S-1)//320]."""
+    """waveform [B, S] float32 -> normalized log-mel [B, 128, 1 + (S-1)//320]; `stft`: "fft" or "conv"."""
 
-    dft_bases: torch.Tensor
-    mel_banks: torch.Tensor
-
-    def __init__(self) -> None:
+    def __init__(self, stft: str = DEFAULT_STFT) -> None:
         super().__init__()
+        if stft not in STFT_METHODS:
+            raise ValueError(f"stft {stft!r} is not one of {STFT_METHODS}")
+        self.stft = stft
         mel = kaldi_mel_banks()
         used = np.flatnonzero(mel.any(axis=0))
         # FFT bins outside every mel triangle (0 Hz and above 15 kHz) are never computed.
         first, last = int(used[0]), int(used[-1]) + 1
-        bins = np.arange(first, last, dtype=np.float64)
+        window = symmetric_hann(WIN_LENGTH)
         # The window sits centred in the n_fft frame: sample n of the window is sample n + offset.
         self.window_offset = (N_FFT - WIN_LENGTH) // 2
-        sample = np.arange(WIN_LENGTH, dtype=np.float64) + self.window_offset
-        phase = 2.0 * math.pi * np.outer(bins, sample) / N_FFT
-        window = symmetric_hann(WIN_LENGTH)
-        bases = np.concatenate([np.cos(phase) * window, -np.sin(phase) * window], axis=0)
-        self.num_bins = last - first
-        self.register_buffer("dft_bases", torch.from_numpy(bases[:, None, :]).float(), persistent=False)
-        self.register_buffer("mel_banks", torch.from_numpy(mel[:, first:last]).float(), persistent=False)
+        if stft == "conv":
+            bins = np.arange(first, last, dtype=np.float64)
+            sample = np.arange(WIN_LENGTH, dtype=np.float64) + self.window_offset
+            phase = 2.0 * math.pi * np.outer(bins, sample) / N_FFT
+            bases = np.concatenate([np.cos(phase) * window, -np.sin(phase) * window], axis=0)
+            self.num_bins = last - first
+            self.register_buffer("dft_bases", torch.from_numpy(bases[:, None, :]).float(), persistent=False)
+            self.register_buffer("mel_banks", torch.from_numpy(mel[:, first:last]).float(), persistent=False)
+            return
+        # The split computes bins 0 .. K1 K2 - 1 (the phase of the window's offset drops out of |X|^2).
+        stage1, stage2 = fft_split_matrices(window, last)
+        self.k2_count = stage2.shape[0] // 2
+        computed = np.zeros((mel.shape[0], self.k2_count * (N_FFT // ROW)))
+        computed[:, :last] = mel[:, :last]
+        self.bands = mel_bands(computed)
+        self.register_buffer("stage1", torch.from_numpy(stage1).float(), persistent=False)
+        self.register_buffer("stage2", torch.from_numpy(stage2).float(), persistent=False)
+        for index, (f, lo, hi) in enumerate(self.bands):
+            self.register_buffer(f"mel_band_{index}", torch.from_numpy(computed[f:f + MEL_BAND, lo:hi]).float(),
+                                 persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         emphasized = waveform[:, 1:] - PREEMPHASIS * waveform[:, :-1]
         padded = functional.pad(emphasized.unsqueeze(1), (N_FFT // 2, N_FFT // 2), mode="reflect")
         # Skip the zero-weighted window margins on both sides so exactly 1 + (S-1)//hop frames remain.
         trimmed = padded[:, :, self.window_offset : padded.shape[-1] - self.window_offset]
-        spectrum = functional.conv1d(trimmed, self.dft_bases, stride=HOP_LENGTH)
-        real, imag = spectrum[:, : self.num_bins], spectrum[:, self.num_bins :]
-        power = real * real + imag * imag
-        mel = torch.matmul(self.mel_banks, power)
+        if self.stft == "conv":
+            spectrum = functional.conv1d(trimmed, self.dft_bases, stride=HOP_LENGTH)
+            real, imag = spectrum[:, : self.num_bins], spectrum[:, self.num_bins :]
+            mel = torch.matmul(self.mel_banks, real * real + imag * imag)
+        else:
+            power = self._fft_power(trimmed[:, 0])
+            mel = torch.cat([torch.matmul(getattr(self, f"mel_band_{i}"), power[:, lo:hi])
+                             for i, (_, lo, hi) in enumerate(self.bands)], dim=1)
         return (torch.log(mel + LOG_OFFSET) + NORM_SHIFT) / NORM_SCALE
+
+    def _fft_power(self, trimmed: torch.Tensor) -> torch.Tensor:
+        """trimmed [B, L] (frame t = samples 320 t .. 320 t + 799) -> |X|^2 [B, K1 K2 bins, T]."""
+        batch, k1_count = trimmed.shape[0], N_FFT // ROW
+        rows, hop_rows = WIN_LENGTH // ROW, HOP_LENGTH // ROW
+        frames = (trimmed.shape[1] - WIN_LENGTH) // HOP_LENGTH + 1
+        hops = frames + (rows - 1) // hop_rows  # the frames' rows, in groups of one hop
+        tail = hops * HOP_LENGTH - trimmed.shape[1]  # up to one hop short: zeros the last frame never reads
+        grouped = functional.pad(trimmed, (0, max(0, tail)))[:, : hops * HOP_LENGTH]
+        # [B, b, row within the hop, hop]: frame t's row a = hop_rows m + j is grouped[..., j, t + m]
+        grouped = grouped.reshape(batch, hops, hop_rows, ROW).permute(0, 3, 2, 1)
+        parts = [grouped[:, :, : min(hop_rows, rows - m * hop_rows), m : m + frames]
+                 for m in range(-(-rows // hop_rows))]
+        stacked = torch.cat(parts, dim=2)  # [B, b, a, T]
+        inner = torch.matmul(self.stage1, stacked)  # [B, b, (cos | -sin) x k1, T]
+        outer = torch.matmul(self.stage2, inner.reshape(batch, ROW, 2 * k1_count * frames))
+        outer = outer.reshape(batch, 2 * self.k2_count, 2 * k1_count, frames)
+        cos, sin = outer[:, : self.k2_count], outer[:, self.k2_count :]
+        # (yr + i yi)(cos - i sin) = (yr cos + yi sin) + i (yi cos - yr sin)
+        real = cos[:, :, :k1_count] + sin[:, :, k1_count:]
+        imag = cos[:, :, k1_count:] - sin[:, :, :k1_count]
+        return (real * real + imag * imag).reshape(batch, self.k2_count * k1_count, frames)

@@ -6,6 +6,7 @@ places them where the section was found (`sources[0].scoring.k_n` in an agent co
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -24,7 +25,8 @@ FEATURE_STATS: tuple[str, ...] = ("off", "add")
 FUSIONS: tuple[str, ...] = ("mean", "standardized")
 # Config fields the normalizer statistics depend on: stored statistics are reused only if they match.
 _STAT_FIELDS = ("normalizer", "metric", "k_n", "ld_k", "ld_reduce", "k_source", "k_target",
-                "sigma_fallback", "sigma_min_target", "feature_stats", "feature_stats_layers", "fusion")
+                "sigma_fallback", "sigma_min_target", "feature_stats", "feature_stats_layers", "feature_stats_eps",
+                "fusion")
 # (field, lowest, highest): the highest values are far beyond any bank a device holds, and keep a typo
 # (or a hostile push) from asking for a billion neighbours.
 _INT_RANGES = (("k_n", 1, 1000), ("ld_k", 1, 1000), ("k_source", 1, 1000), ("k_target", 1, 1000),
@@ -54,6 +56,8 @@ class ScoringConfig:
     layers: tuple[str, ...] | None = None  # None: the model's default_layers present in the bank
     feature_stats: str = "off"  # "add": each layer's feature-statistics term beside its kNN score
     feature_stats_layers: tuple[str, ...] | None = None  # with "add": only these layers (None: every scored one)
+    # with "add": each dimension's std is floored at eps x the layer's typical within-domain std
+    feature_stats_eps: float = 1e-3
     fusion: str = "mean"  # "standardized": members standardized by their leave-one-out training scores
 
     def __post_init__(self) -> None:
@@ -69,6 +73,9 @@ class ScoringConfig:
                 raise ConfigError(f"{SECTION}.{name}", f"must be an integer >= {low}", value)
             if value > high:
                 raise ConfigError(f"{SECTION}.{name}", f"must be <= {high}", value)
+        eps = self.feature_stats_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and 0 < eps <= 10):
+            raise ConfigError(f"{SECTION}.feature_stats_eps", "must be a number > 0 and <= 10", eps)
         chosen = self.feature_stats_layers
         if chosen is not None and (not isinstance(chosen, tuple) or not chosen
                                    or not all(isinstance(x, str) and x for x in chosen)

@@ -222,14 +222,14 @@ def _feature_stats(bank: MemoryBank, cfg: ScoringConfig, layers: tuple[str, ...]
     stats, loo = {}, {}
     for layer in chosen:
         doc = None if stored is None else stored["layers"].get(layer, {}).get("feature_stats")
-        if doc is not None:
+        if doc is not None and doc.get("eps") == cfg.feature_stats_eps:
             try:
                 stats[layer] = FeatureStats.from_dict(doc)
                 continue
             except ValueError as exc:
                 log.warning("feature_stats_refit", bank=bank.path or "(in memory)", layer=layer, error=str(exc))
         try:
-            stats[layer], loo[layer] = FeatureStats.fit(layer, _raw_refs(bank, layer))
+            stats[layer], loo[layer] = FeatureStats.fit(layer, _raw_refs(bank, layer), cfg.feature_stats_eps)
         except ValueError as exc:
             raise BankError(f"layer {layer}: the feature-statistics term cannot be fitted: {exc}") from None
     return stats, loo

@@ -202,13 +202,14 @@ def test_every_scoring_knob_reaches_evaluate(mn04_random_onnx: Path, synthetic_r
     args = parser.parse_args(["--model", str(mn04_random_onnx), "--dataset", str(synthetic_root), "--machines", "fan",
                               "--metric", "sqeuclidean", "--k-n", "2", "--k-source", "8", "--k-target", "3",
                               "--ld-k", "12", "--ld-reduce", "sum", "--feature-stats", "add",
-                              "--fusion", "standardized", "--memmixup", "4,0.8", "--json", "--no-progress"])
+                              "--feature-stats-eps", "0.5", "--fusion", "standardized", "--memmixup", "4,0.8",
+                              "--json", "--no-progress"])
     assert run_evaluate(args) == 0
     config = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"]
     assert {k: config[k] for k in ("metric", "k_n", "k_source", "k_target", "ld_k", "ld_reduce", "feature_stats",
-                                   "fusion")} == {"metric": "sqeuclidean", "k_n": 2, "k_source": 8, "k_target": 3,
-                                                  "ld_k": 12, "ld_reduce": "sum", "feature_stats": "add",
-                                                  "fusion": "standardized"}
+                                   "feature_stats_eps", "fusion")} == {
+        "metric": "sqeuclidean", "k_n": 2, "k_source": 8, "k_target": 3, "ld_k": 12, "ld_reduce": "sum",
+        "feature_stats": "add", "feature_stats_eps": 0.5, "fusion": "standardized"}
     assert config["memmixup"] == {"lam": 0.8, "k": 4}
     # the knobs change the scores computed from the same embeddings
     dataset = scan_dataset(synthetic_root, machines=["fan"])

@@ -3,6 +3,7 @@ each seen by a plain numpy measurement of the clip."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -15,6 +16,7 @@ import pytest
 from edge_agent.audio.quality import AudioChecks, window_fault
 from edge_agent.audio.wavio import read_wav, read_wav_info
 from edge_agent.errors import DatasetError
+from edge_agent.evaluation import synthetic
 from edge_agent.evaluation.dcase import scan_dataset
 from edge_agent.evaluation.synthetic import (
     MACHINE_TYPES,
@@ -28,14 +30,26 @@ from edge_agent.evaluation.synthetic import (
 )
 
 VALVE = MACHINE_TYPES["valve"]
+# The structure of the valve's own sound is measured without the factory hall and with a regular target cycle;
+# the hall and the target's irregular cycling have their own tests below.
+BARE = dataclasses.replace(VALVE, factory_level=0.0, target=dataclasses.replace(VALVE.target, jitter=0.02))
 SEEDS = range(6)
+
+
+@pytest.fixture(autouse=True)
+def _no_hall_knocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hall's knocks (every dataset clip has them) would pass for strokes in these measurements; they have
+    their own test in test_synthetic.py."""
+    monkeypatch.setattr(synthetic, "HALL_EVENTS_PER_S", 0.0)
+
+
 LEVEL = 0.1  # the middle of the dataset's default anomaly level range
 
 
 @functools.cache
 def _clip(domain: str, seed: int, kind: str | None = None, level: float = LEVEL) -> np.ndarray:
     anomaly = AnomalySpec(kind, level) if kind else None
-    audio = synthesize_clip(VALVE, domain, anomaly, np.random.default_rng([seed, 1234]))
+    audio = synthesize_clip(BARE, domain, anomaly, np.random.default_rng([seed, 1234]))
     audio.flags.writeable = False  # shared between tests
     return audio
 
@@ -252,6 +266,30 @@ def test_target_domain_is_another_cycle_pattern() -> None:
             assert _interval_deviation(audio, segments) < 0.08  # a regular cycle
 
 
+def _peak_over_median_db(audio: np.ndarray) -> float:
+    """The loudest 20 ms frame over the median frame, in dB: how far the strokes stand out of the hall."""
+    rms = _frame_rms(audio, 320)
+    return float(20 * np.log10(rms.max() / np.median(rms)))
+
+
+def test_factory_hall_masks_the_strokes_as_in_the_real_valve_clips() -> None:
+    # The four real DCASE 2023 valve clips in ../shared measure 4.3, 8.4, 8.9 and 9.1 dB; the bare valve ~17-28.
+    hall = [_peak_over_median_db(synthesize_clip(VALVE, d, None, np.random.default_rng(s)))
+            for d in ("source", "target") for s in SEEDS]
+    bare = [_peak_over_median_db(_clip(d, s)) for d in ("source", "target") for s in SEEDS]
+    assert 5.0 < np.median(hall) < 13.0 and max(hall) < 16.0, hall
+    assert min(bare) > max(hall), (bare, hall)
+
+
+def test_target_domain_cycles_irregularly() -> None:
+    # As the real valve's target pattern: the intervals between strokes vary from cycle to cycle.
+    bare_valve = dataclasses.replace(VALVE, factory_level=0.0)  # the hall would hide the flow the measure needs
+    deviation = {d: [_interval_deviation(a, _open_segments(a))
+                     for a in (synthesize_clip(bare_valve, d, None, np.random.default_rng([s, 1234])) for s in SEEDS)]
+                 for d in ("source", "target")}
+    assert max(deviation["source"]) < 0.08 and np.median(deviation["target"]) > 0.2, deviation
+
+
 # --- anomalies --------------------------------------------------------------------------------------------
 
 
@@ -305,7 +343,8 @@ def test_demo_recording_with_a_leak_and_with_the_default_kind(tmp_path: Path) ->
     closed = _closed(audio.size, segments)
     t = np.arange(audio.size) / rate
     inside, outside = closed & (t > 11) & (t < 19), closed & ((t < 9) | (t > 21))
-    assert np.sqrt(np.mean(hiss[inside] ** 2)) > 3 * np.sqrt(np.mean(hiss[outside] ** 2))
+    # The factory hall (pink, mostly below the hiss's band) sits under the demo's leak as under the dataset's.
+    assert np.sqrt(np.mean(hiss[inside] ** 2)) > 1.4 * np.sqrt(np.mean(hiss[outside] ** 2))
 
     default = write_demo_recording(tmp_path / "chatter.wav", seconds=30.0, anomaly_span=(10.0, 20.0), seed=1,
                                    machine="valve")  # the valve's first kind: chatter

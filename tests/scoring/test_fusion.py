@@ -128,3 +128,26 @@ def test_the_statistics_term_can_be_limited_to_some_layers() -> None:
         BankScorer.fit(_bank(), ScoringConfig(feature_stats="add", feature_stats_layers=("layer_3",)))
     with pytest.raises(ConfigError, match=r"scoring\.feature_stats_layers"):
         ScoringConfig(feature_stats_layers=())
+
+
+def test_the_statistics_floor_is_a_setting_and_a_stored_term_with_another_floor_is_fitted_again(
+        tmp_path: Path) -> None:
+    bank = _bank()
+    wide = ScoringConfig(feature_stats="add", feature_stats_eps=1.0)
+    scorer = BankScorer.fit(bank, wide)
+    direct = FeatureStats.fit("layer_12", {d: bank.get_raw("layer_12", d) for d in ("source", "target")}, 1.0)[0]
+    assert scorer.feature_stats["layer_12"].eps == 1.0
+    np.testing.assert_allclose(scorer.score_members(_queries())["layer_12:stats"], direct.score(_queries()["layer_12"]))
+    # a floor at the typical std lifts the small stds: the term is no longer the one with today's floor
+    narrow = BankScorer.fit(bank, ScoringConfig(feature_stats="add"))
+    assert not np.allclose(narrow.score_members(_queries())["layer_12:stats"], direct.score(_queries()["layer_12"]))
+    member = MemberModel(bank.info, "model-sha", "m-0123")
+    embeddings = [{d: {layer: bank.get_raw(layer, d) for layer in DIMS} for d in ("source", "target")}]
+    enroll(tmp_path / "bank", [member], embeddings, bank.names, wide)
+    loaded = MemoryBank.load(tmp_path / "bank", expect=bank.info)
+    again = Scorer.fit([loaded], ScoringConfig(feature_stats="add", feature_stats_eps=0.3))
+    assert again.members[0].feature_stats["layer_12"].eps == 0.3
+    assert Scorer.fit([loaded], wide).members[0].feature_stats["layer_12"].eps == 1.0
+    for bad in (0, -1.0, float("nan"), float("inf"), 11.0, True, "0.3"):
+        with pytest.raises(ConfigError, match=r"scoring\.feature_stats_eps"):
+            ScoringConfig.from_dict({"feature_stats_eps": bad})
