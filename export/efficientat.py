@@ -28,12 +28,14 @@ from torch import nn
 from edge_agent.fsutil import replacing
 from export.base import CheckpointError, ExportableEncoder
 from export.checkpoints import OfficialWeights
-from export.mel_efficientat import N_MELS, SAMPLE_RATE, MelEfficientAT, num_frames
+from export.mel_efficientat import DEFAULT_STFT, N_MELS, SAMPLE_RATE, MelEfficientAT, num_frames
+from export.mel_efficientat import STFT_METHODS as MEL_STFT_METHODS
 from export.pooling import Poolings, cnn_map_to_grid, pool_grid, pooled_dim
 
 FAMILY = "efficientat"
 WIDTHS = {"mn04": 0.4, "mn05": 0.5, "mn10": 1.0, "mn20": 2.0, "mn30": 3.0, "mn40": 4.0}
 VARIANTS = tuple(WIDTHS)
+STFT_METHODS = MEL_STFT_METHODS  # the front-end's STFT formulations (export_model(..., stft=...))
 WINDOW_SECONDS = 10
 WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE
 NUM_CLASSES = 527  # AudioSet
@@ -262,7 +264,7 @@ def _layer_index(variant: str, layer: str) -> int:
 
 
 class EfficientATEncoder(ExportableEncoder):
-    def __init__(self, variant: str, layers: Sequence[str], pooling: str | Poolings) -> None:
+    def __init__(self, variant: str, layers: Sequence[str], pooling: str | Poolings, stft: str = DEFAULT_STFT) -> None:
         super().__init__()
         poolings = Poolings.of(pooling)
         if not layers:
@@ -277,7 +279,8 @@ class EfficientATEncoder(ExportableEncoder):
         self.indices = tuple(_layer_index(variant, output.layer) for output in outputs)
         # Without the family defaults among the outputs, scoring falls back to every default-pooled output.
         self.set_outputs(poolings, outputs, [output_dim(variant, o.layer, o.mode) for o in outputs], _DEFAULT_LAYERS)
-        self.frontend = MelEfficientAT()
+        self.frontend = MelEfficientAT(stft)
+        self.frontend_stft = stft
         self.net = MobileNetAudio(variant)
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -297,9 +300,10 @@ class EfficientATEncoder(ExportableEncoder):
 
 
 def build(
-    variant: str, layers: Sequence[str], pooling: str | Poolings, checkpoint: Path | None, seed: int = 0
+    variant: str, layers: Sequence[str], pooling: str | Poolings, checkpoint: Path | None, seed: int = 0,
+    stft: str = DEFAULT_STFT,
 ) -> EfficientATEncoder:
-    encoder = EfficientATEncoder(variant, layers, pooling)
+    encoder = EfficientATEncoder(variant, layers, pooling, stft)
     state = random_state_dict(variant, seed) if checkpoint is None else read_state_dict(checkpoint)
     load_strict(encoder.net, state, checkpoint if checkpoint is not None else Path(f"<random {variant}>"))
     return encoder.eval()

@@ -77,8 +77,11 @@ def export_model(
     weights_dir: Path | str | None = None,
     allow_download: bool = True,
     gem_p: float = DEFAULT_GEM_P,
+    stft: str | None = None,
 ) -> ExportResult:
-    """pooling: one mode, or several: the first names the plain outputs, the others `<layer>@<suffix>`."""
+    """pooling: one mode, or several: the first names the plain outputs, the others `<layer>@<suffix>`.
+    stft: the front-end's STFT formulation where the family has a choice (EfficientAT: "fft", the default,
+    or "conv", the direct DFT of earlier releases); None: the family's default."""
     start = time.perf_counter()
     if random_init and checkpoint is not None:
         raise ExportError("give either a checkpoint or random_init, not both")
@@ -91,6 +94,10 @@ def export_model(
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     family = family_for(name)
+    methods = getattr(family, "STFT_METHODS", None)
+    if stft is not None and (methods is None or stft not in methods):
+        raise ExportError(f"{name}: stft {stft!r} is not available; " + (
+            f"choose one of {', '.join(methods)}" if methods else f"the {family.FAMILY} front-end has one formulation"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chosen = tuple(layers) if layers else tuple(family.default_exported_layers(name))
@@ -101,7 +108,8 @@ def export_model(
         family.write_random_checkpoint(ckpt_path, name, seed)
     else:
         ckpt_path = resolve_checkpoint(family, name, checkpoint, weights_dir, allow_download)
-    model = family.build(name, chosen, poolings, ckpt_path, seed).eval()
+    options = {} if stft is None else {"stft": stft}
+    model = family.build(name, chosen, poolings, ckpt_path, seed, **options).eval()
     precision = "fp16" if fp16 else (quantize or "fp32")
     info = model_info(model, sha256_file(ckpt_path), precision)
 
@@ -165,7 +173,8 @@ def model_info(model: ExportableEncoder, checkpoint_sha256: str, precision: str 
         exporter_version=EXPORTER_VERSION,
         output_poolings=tuple(model.output_poolings),
         gem_p=model.gem_p if "gem" in model.output_poolings else None,
-        extra={"precision": precision, "opset": str(OPSET)},
+        extra={"precision": precision, "opset": str(OPSET),
+               **({"frontend_stft": model.frontend_stft} if hasattr(model, "frontend_stft") else {})},
     )
 
 

@@ -81,8 +81,9 @@ def test_export_is_deterministic_and_computes_only_needed_blocks(tmp_path: Path)
     assert first.info.layers == ("layer_3", "layer_2") and first.info.dims == (512, 512)
     assert first.info.default_layers == ("layer_3", "layer_2")  # family defaults not exported
     convs = sum(node.op_type == "Conv" for node in onnx.load(str(first.path)).graph.node)
-    # DFT conv + stem + blocks 1..3 (2 + 3 + 3 convs); block 4 and beyond must not be in the graph
-    assert convs == 1 + 1 + 2 + 3 + 3
+    # stem + blocks 1..3 (2 + 3 + 3 convs; the front-end's split DFT is MatMuls); block 4 and beyond must not
+    # be in the graph
+    assert convs == 1 + 2 + 3 + 3
 
 
 def test_failed_verification_leaves_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,3 +131,27 @@ def test_option_errors(tmp_path: Path, mn04_checkpoint: Path) -> None:
     with pytest.raises(CheckpointError, match="no pinned sha256"):
         export_model("mn10", tmp_path, weights_dir=tmp_path)
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_real_mn04_default_front_end_is_the_split_dft_and_conv_stays_available(
+        mn04_real_export: ExportResult, mn04_checkpoint: Path, tmp_path: Path) -> None:
+    proto = onnx.load(str(mn04_real_export.path))
+    front_ops = {n.op_type for n in proto.graph.node if n.name.startswith("/frontend/")}
+    assert "Conv" not in front_ops and "MatMul" in front_ops  # no strided DFT convolution
+    assert mn04_real_export.info.extra["frontend_stft"] == "fft"
+    conv = export_model("mn04", tmp_path, checkpoint=mn04_checkpoint, layers=["layer_12"], stft="conv")
+    assert conv.info.extra["frontend_stft"] == "conv" and conv.max_rel_error is not None
+    assert "Conv" in {n.op_type for n in onnx.load(str(conv.path)).graph.node if n.name.startswith("/frontend/")}
+    # the two front-ends give the same embedding within the export tolerance
+    audio = _audio(2, seed=9)
+    split = dict(zip(mn04_real_export.info.layers, _session(mn04_real_export.path).run(None, {"waveform": audio}),
+                     strict=True))["layer_12"]
+    direct = _session(conv.path).run(None, {"waveform": audio})[0]
+    assert np.abs(split - direct).max() / np.abs(direct).max() < 1e-4
+
+
+def test_stft_choice_is_refused_where_it_does_not_apply(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="stft 'dft' is not available; choose one of fft, conv"):
+        export_model("mn04", tmp_path, random_init=True, stft="dft", verify=False)
+    with pytest.raises(ExportError, match="ced-tiny: stft 'conv' is not available; the ced front-end"):
+        export_model("ced-tiny", tmp_path, random_init=True, stft="conv", verify=False)

@@ -51,10 +51,10 @@ def test_int8_static_variant_loads_and_reports(mn04_checkpoint: Path, tmp_path: 
     # the convolutions are quantized: int8 weights feed them through DequantizeLinear ...
     int8_inits = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8}
     assert len(int8_inits) > 10
-    # ... but the log-mel front-end stays fp32: nothing dequantized feeds its DFT-basis convolution or its log
+    # ... but the log-mel front-end stays fp32: nothing dequantized feeds its split-DFT products or its log
     producer = {out: node.op_type for node in proto.graph.node for out in node.output}
-    frontend = [n for n in proto.graph.node if n.name.startswith("/frontend/") and n.op_type in ("Conv", "Log")]
-    assert {n.op_type for n in frontend} == {"Conv", "Log"}
+    frontend = [n for n in proto.graph.node if n.name.startswith("/frontend/") and n.op_type in ("MatMul", "Log")]
+    assert {n.op_type for n in frontend} == {"MatMul", "Log"}
     assert all(producer.get(name) != "DequantizeLinear" for n in frontend for name in n.input)
     audio = (np.random.default_rng(5).standard_normal((1, 320000)) * 0.1).astype(np.float32)
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
