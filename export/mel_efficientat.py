@@ -129,6 +129,11 @@ def mel_bands(mel: np.ndarray, size: int = MEL_BAND) -> list[tuple[int, int, int
 class MelEfficientAT(nn.Module):
     """waveform [B, S] float32 -> normalized log-mel [B, 128, 1 + (S-1)//320]; `stft`: "fft" or "conv"."""
 
+    dft_bases: torch.Tensor
+    mel_banks: torch.Tensor
+    stage1: torch.Tensor
+    stage2: torch.Tensor
+
     def __init__(self, stft: str = DEFAULT_STFT) -> None:
         super().__init__()
         if stft not in STFT_METHODS:
@@ -173,7 +178,7 @@ class MelEfficientAT(nn.Module):
             mel = torch.matmul(self.mel_banks, real * real + imag * imag)
         else:
             power = self._fft_power(trimmed[:, 0])
-            mel = torch.cat([torch.matmul(getattr(self, f"mel_band_{i}"), power[:, lo:hi])
+            mel = torch.cat([torch.matmul(self.get_buffer(f"mel_band_{i}"), power[:, lo:hi])
                              for i, (_, lo, hi) in enumerate(self.bands)], dim=1)
         return (torch.log(mel + LOG_OFFSET) + NORM_SHIFT) / NORM_SCALE
 

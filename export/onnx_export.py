@@ -173,9 +173,14 @@ def model_info(model: ExportableEncoder, checkpoint_sha256: str, precision: str 
         exporter_version=EXPORTER_VERSION,
         output_poolings=tuple(model.output_poolings),
         gem_p=model.gem_p if "gem" in model.output_poolings else None,
-        extra={"precision": precision, "opset": str(OPSET),
-               **({"frontend_stft": model.frontend_stft} if hasattr(model, "frontend_stft") else {})},
+        extra={"precision": precision, "opset": str(OPSET), **_frontend_metadata(model)},
     )
+
+
+def _frontend_metadata(model: ExportableEncoder) -> dict[str, str]:
+    """The front-end's STFT formulation, for families that have a choice."""
+    stft = getattr(model, "frontend_stft", None)
+    return {} if stft is None else {"frontend_stft": str(stft)}
 
 
 def _temp_path(directory: Path, stem: str) -> Path:
