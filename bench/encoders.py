@@ -31,7 +31,7 @@ import benchlib
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from edge_agent.agent.episodes import AlertContext, score_payload
+from edge_agent.agent.payloads import AlertContext, score_payload
 from edge_agent.audio.resample import resample
 from edge_agent.audio.windowing import fit_to_window
 from edge_agent.model.encoder import Encoder

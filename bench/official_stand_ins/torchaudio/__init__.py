@@ -1,0 +1,2 @@
+from . import compliance as compliance
+from . import transforms as transforms
