@@ -31,7 +31,10 @@ from edge_agent.model.model_set import ModelSet
 
 log = get_logger(__name__)
 
-BATCH_MAX = 8  # windows embedded in one ONNX call when several are waiting
+# Windows embedded in one ONNX call when several are waiting: on a CPU a batch of 2 gives the transformers most of
+# what batching gives, and each further window adds its intermediates to the peak RSS (mn04: 127 MB at 2,
+# 301 MB at 8; bench/batch_size.py, docs/benchmarks.md).
+BATCH_MAX = 2
 STUCK_SECONDS = 60.0  # a batch running longer than this makes the loop unhealthy (no watchdog ping)
 
 EnrollReady = Callable[[str, EnrollJob], None]
