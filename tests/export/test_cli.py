@@ -43,6 +43,7 @@ def test_cli_with_weights_dir_quantized(
         (["mn04", "--random-init", "--layers", "layer_0"], "no layer layer_0"),
         (["nope", "--random-init"], "unknown encoder 'nope'"),
         (["mn20"], "no pinned sha256"),
+        (["ced-tiny", "--random-init", "--stft", "conv"], "ced-tiny: stft 'conv' is not available"),
     ],
 )
 def test_cli_errors_exit_2_with_one_line(
