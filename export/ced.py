@@ -27,13 +27,15 @@ from torch.nn import functional
 
 from export.base import BlockLayers, CheckpointError, ExportableEncoder
 from export.checkpoints import OfficialWeights
-from export.mel_ced import N_MELS, SAMPLE_RATE, MelCED, htk_mel_banks, num_frames, periodic_hann
+from export.mel_ced import DEFAULT_STFT, N_MELS, SAMPLE_RATE, MelCED, htk_mel_banks, num_frames, periodic_hann
+from export.mel_ced import STFT_METHODS as MEL_STFT_METHODS
 from export.pooling import Poolings, pool_grid, pooled_dim
 
 FAMILY = "ced"
 # variant -> (channels, heads)
 SIZES = {"ced-tiny": (192, 3), "ced-mini": (256, 4), "ced-small": (384, 6), "ced-base": (768, 12)}
 VARIANTS = tuple(SIZES)
+STFT_METHODS = MEL_STFT_METHODS  # the front-end's STFT formulations (export_model(..., stft=...))
 DEPTH = 12
 MLP_RATIO = 4
 PATCH = 16
@@ -115,7 +117,7 @@ class CEDEncoder(ExportableEncoder):
     sample_rate = SAMPLE_RATE
     window_samples = WINDOW_SAMPLES
 
-    def __init__(self, variant: str, layers: Sequence[str], pooling: str | Poolings) -> None:
+    def __init__(self, variant: str, layers: Sequence[str], pooling: str | Poolings, stft: str = DEFAULT_STFT) -> None:
         super().__init__()
         LAYERS.check_variant(variant)
         self.variant = variant
@@ -124,7 +126,8 @@ class CEDEncoder(ExportableEncoder):
         poolings = Poolings.of(pooling)
         self.time_patches = num_frames(WINDOW_SAMPLES) // PATCH
         self.freq_patches = N_MELS // PATCH
-        self.frontend = MelCED(WINDOW_SAMPLES)
+        self.frontend = MelCED(WINDOW_SAMPLES, stft)
+        self.frontend_stft = stft
         self.patch_embed = PatchEmbed(dim)
         self.time_pos_embed = nn.Parameter(torch.zeros(1, dim, 1, self.time_patches))
         self.freq_pos_embed = nn.Parameter(torch.zeros(1, dim, self.freq_patches, 1))
@@ -311,9 +314,9 @@ def _load_state(model: CEDEncoder, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def build(variant: str, layers: Sequence[str], pooling: str | Poolings, checkpoint: Path | None,
-          seed: int = 0) -> CEDEncoder:
+          seed: int = 0, stft: str = DEFAULT_STFT) -> CEDEncoder:
     LAYERS.check_variant(variant)
-    model = CEDEncoder(variant, layers, pooling)
+    model = CEDEncoder(variant, layers, pooling, stft)
     if checkpoint is None:
         _load_state(model, random_state_dict(variant, np.random.default_rng(seed)))
     else:

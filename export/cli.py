@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8: dynamic quantization of the matrix products; int8-static: static QDQ int8 of convolutions "
         "and matrix products too, calibrated on synthetic normal machine sound (front-end kept fp32)",
     )
-    parser.add_argument("--stft", choices=("fft", "conv"), default=None,
-                        help="EfficientAT front-end: fft (two-stage split DFT, the default) or conv (the direct DFT "
-                             "of earlier releases)")
+    parser.add_argument("--stft", choices=("fft", "conv", "matmul"), default=None,
+                        help="the front-end's STFT: fft (a two-stage split DFT, the default for EfficientAT and CED) "
+                             "or the direct DFT of earlier releases: conv (EfficientAT), matmul (CED)")
     parser.add_argument("--seed", type=int, default=0, help="random-init seed and verification audio seed")
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX-vs-PyTorch check")
     parser.add_argument("--no-download", action="store_true", help="never download official weights")

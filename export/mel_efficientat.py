@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from export.split_dft import split_matrices, split_power
+
 SAMPLE_RATE = 32000
 N_FFT = 1024
 WIN_LENGTH = 800
@@ -97,24 +99,8 @@ def num_frames(samples: int) -> int:
 
 
 def fft_split_matrices(window: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two stages of the split DFT for a window of len(window) samples, float64.
-
-    stage1 [ROW (b), 2 K1 (cos k1 | -sin k1), A (a)] = w[ROW a + b] e^(-2 pi i (a k1 / K1 + b k1 / n_fft)), with
-    K1 = n_fft / ROW and A = len(window) / ROW: Y[b, k1] = yr + i yi.
-    stage2 [2 K2 (re k2 | im k2), 2 ROW (b, yr | yi)], K2 = ceil(n_bins / K1): the sum over b of
-    e^(-2 pi i b k2 / ROW) Y[b, k1] = (yr cos + yi sin) + i (yi cos - yr sin) is bin k1 + K1 k2.
-    """
-    k1_count, rows = N_FFT // ROW, len(window) // ROW
-    a, b, k1 = np.arange(rows), np.arange(ROW), np.arange(k1_count)
-    phase = 2.0 * math.pi * (a[None, None, :] * k1[None, :, None] / k1_count
-                             + b[:, None, None] * k1[None, :, None] / N_FFT)
-    weights = window[ROW * a[None, None, :] + b[:, None, None]]
-    stage1 = np.concatenate([weights * np.cos(phase), -weights * np.sin(phase)], axis=1)
-    theta = 2.0 * math.pi * np.outer(np.arange(-(-n_bins // k1_count)), b) / ROW
-    cos, sin = np.cos(theta), np.sin(theta)
-    real = np.stack([cos, sin], axis=2).reshape(cos.shape[0], 2 * ROW)
-    imag = np.stack([-sin, cos], axis=2).reshape(cos.shape[0], 2 * ROW)
-    return stage1, np.concatenate([real, imag], axis=0)
+    """The split DFT's two stages for this front-end (export/split_dft.py): rows of ROW samples, n_fft 1024."""
+    return split_matrices(window, N_FFT, ROW, n_bins)
 
 
 def mel_bands(mel: np.ndarray, size: int = MEL_BAND) -> list[tuple[int, int, int]]:
@@ -183,20 +169,5 @@ class MelEfficientAT(nn.Module):
         return (torch.log(mel + LOG_OFFSET) + NORM_SHIFT) / NORM_SCALE
 
     def _fft_power(self, trimmed: torch.Tensor) -> torch.Tensor:
-        """trimmed [B, L] (frame t = samples 320 t .. 320 t + 799) -> |X|^2 [B, K1 K2 bins, T]."""
-        batch, k1_count = trimmed.shape[0], N_FFT // ROW
-        rows, hop_rows = WIN_LENGTH // ROW, HOP_LENGTH // ROW
-        frames = (trimmed.shape[1] - WIN_LENGTH) // HOP_LENGTH + 1
-        hops = frames + (rows - 1) // hop_rows  # the frames' rows, in groups of one hop
-        tail = hops * HOP_LENGTH - trimmed.shape[1]  # up to one hop short: zeros the last frame never reads
-        grouped = functional.pad(trimmed, (0, max(0, tail)))[:, : hops * HOP_LENGTH]
-        # [B, b, row within the hop, hop] (two plain 2-D transposes: one 4-D permute runs 5x slower in ORT):
-        # frame t's row a = hop_rows m + j is grouped[..., j, t + m]
-        grouped = grouped.reshape(batch, hops * hop_rows, ROW).transpose(1, 2)
-        grouped = grouped.reshape(batch, ROW, hops, hop_rows).transpose(2, 3)
-        parts = [grouped[:, :, : min(hop_rows, rows - m * hop_rows), m : m + frames]
-                 for m in range(-(-rows // hop_rows))]
-        inner = torch.matmul(self.stage1, torch.cat(parts, dim=2))  # [B, b, (yr | yi) x k1, T]
-        outer = torch.matmul(self.stage2, inner.reshape(batch, 2 * ROW, k1_count * frames))  # [B, re|im x k2, k1 T]
-        real, imag = outer[:, : self.k2_count], outer[:, self.k2_count :]
-        return (real * real + imag * imag).reshape(batch, self.k2_count * k1_count, frames)
+        """trimmed [B, L] (frame t = samples 320 t .. 320 t + 799) -> |X|^2 [B, 480 bins, T]."""
+        return split_power(trimmed, self.stage1, self.stage2, WIN_LENGTH, HOP_LENGTH)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.mel_ced import MelCED, num_frames
+from export.mel_ced import STFT_METHODS, MelCED, num_frames
 
 SAMPLES = 160000
 TOLERANCE_DB = 1e-3  # max |ours - reference| in dB; measured ~1e-4 (float32 DFT rounding on quiet bins)
@@ -62,13 +62,29 @@ def _audio(seed: int, level: float) -> np.ndarray:
     return wave.astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def frontend() -> MelCED:
-    return MelCED(SAMPLES)
+@pytest.fixture(scope="module", params=STFT_METHODS)
+def frontend(request: pytest.FixtureRequest) -> MelCED:
+    """Every test runs on both STFT formulations: the split DFT (the default) and the direct MatMul."""
+    return MelCED(SAMPLES, request.param)
 
 
 def test_frame_count_is_center_true() -> None:
     assert num_frames(SAMPLES) == 1001
+
+
+@pytest.mark.parametrize("samples", [257, 1000, 16007, SAMPLES + 80])
+def test_split_and_direct_dft_agree_on_any_length(samples: int) -> None:
+    wave = _audio(5, 0.1)[:samples] if samples <= SAMPLES else np.resize(_audio(5, 0.1), samples)
+    with torch.no_grad():
+        split, direct = (MelCED(samples, stft).decibels(torch.from_numpy(wave[None]))[0].numpy()
+                         for stft in ("fft", "matmul"))
+    assert split.shape == direct.shape == (64, num_frames(samples))
+    assert np.abs(split - reference_db(wave)).max() < TOLERANCE_DB
+    assert np.abs(split - direct).max() < TOLERANCE_DB
+    with pytest.raises(ValueError, match="stft"):
+        MelCED(samples, "conv")
+    with pytest.raises(ValueError, match="too short"):
+        MelCED(256, "fft")
 
 
 def test_decibels_match_float64_reference(frontend: MelCED) -> None:
@@ -116,7 +132,7 @@ def test_batchnorm_uses_running_statistics(frontend: MelCED) -> None:
     rng = np.random.default_rng(3)
     weight, bias = rng.uniform(0.5, 1.5, 64), rng.normal(0, 0.5, 64)
     mean, var = rng.normal(-20, 8, 64), rng.uniform(40, 200, 64)
-    module = MelCED(SAMPLES)
+    module = MelCED(SAMPLES, frontend.stft)
     module.load_batchnorm(*(torch.tensor(v, dtype=torch.float32) for v in (weight, bias, mean, var)))
     wave = _audio(4, 0.05)
     with torch.no_grad():

@@ -153,5 +153,7 @@ def test_real_mn04_default_front_end_is_the_split_dft_and_conv_stays_available(
 def test_stft_choice_is_refused_where_it_does_not_apply(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="stft 'dft' is not available; choose one of fft, conv"):
         export_model("mn04", tmp_path, random_init=True, stft="dft", verify=False)
-    with pytest.raises(ExportError, match="ced-tiny: stft 'conv' is not available; the ced front-end"):
+    with pytest.raises(ExportError, match="ced-tiny: stft 'conv' is not available; choose one of fft, matmul"):
         export_model("ced-tiny", tmp_path, random_init=True, stft="conv", verify=False)
+    with pytest.raises(ExportError, match="beats: stft 'fft' is not available; the beats front-end has one"):
+        export_model("beats", tmp_path, random_init=True, stft="fft", verify=False)
