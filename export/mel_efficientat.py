@@ -18,9 +18,9 @@ and TensorRT (the ONNX STFT and DFT ops measured slower on ONNX Runtime's CPU ke
   imaginary parts (64 -> 2 x 15 k2 values: bins 0..479, all the mel filters use). 0.23 GFLOP against the
   direct DFT's 1.53 per 10 s.
 - `conv`: the direct DFT as a strided conv1d with windowed DFT bases (479 bins x 800 taps), the export of
-  earlier releases (kept for comparison: `bench/encoders.py --stft conv,fft`).
+  earlier releases (kept for comparison: `edge-export --stft conv`, `bench/stft_formulations.py`).
 The mel filters are triangles: they are applied in bands of 16 filters, each a MatMul over the FFT bins its
-filters touch (a tenth of the dense 128 x 480 product).
+filters touch (13 % of the dense 128 x 480 product).
 
 float32 rounding: the split's stage 2 adds 32 terms of magnitude |X| / 32 where the direct DFT adds 800
 windowed samples, so next to a loud pure tone (a chirp's far bins) its log-mel error against a float64
