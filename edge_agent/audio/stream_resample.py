@@ -1,18 +1,22 @@
 """Resample a live stream block by block, so that overlapping windows are not resampled again each time.
 
-`StreamResampler` keeps the last input samples that the next outputs still read, and computes each
-output sample once, with the filter and code of the offline `edge_agent.audio.resample.resample`:
-feeding a signal in blocks of any sizes and then calling `flush()` gives the offline result on the
-whole signal (equal up to float32 rounding). Output sample n stands for input time n / out_rate (the
-filter delay is compensated); it is returned once the input it reads has arrived, i.e. about
-`latency` input samples after the input sample at that time (30 samples, 0.6 ms, for 48 kHz -> 16 kHz).
+`StreamResampler` feeds a libsoxr stream (the engine and quality of the offline
+`edge_agent.audio.resample.resample`): feeding a signal in blocks of any sizes and then calling `flush()` gives
+exactly the offline result on the whole signal. soxr holds back the outputs whose filter still needs input
+(a few hundred samples, in its own blocks); `peek_tail()` gives them at once, computed as at the end of a
+stream, by running a fresh soxr stream over the last `HISTORY` input samples (started on an input sample that
+falls on the output grid, so its outputs line up with the stream's; they agree to float32 rounding once the
+fresh stream is past its start).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import soxr
 
-from edge_agent.audio.resample import half_length, newest_input, padding_after, phase_length, polyphase, ratio
+from edge_agent.audio.resample import QUALITY, ratio
+
+HISTORY = 16384  # input samples kept for peek_tail: soxr holds back at most ~1 500 outputs at HQ (tested)
 
 
 class StreamResampler:
@@ -21,70 +25,57 @@ class StreamResampler:
     def __init__(self, in_rate: int, out_rate: int) -> None:
         self.in_rate, self.out_rate = int(in_rate), int(out_rate)
         self.up, self.down = ratio(self.in_rate, self.out_rate)
-        self._per_phase = phase_length(self.up, self.down)
-        self._pad = padding_after(self.up, self.down)
-        self._half = half_length(self.up, self.down)
-        self.latency = newest_input(0, self.up, self.down)  # input samples an output waits for
         self.reset()
 
     def reset(self) -> None:
-        """Start a new stream: the next block is the first after a gap (zeros before it, as offline)."""
+        """Start a new stream: the next block is the first after a gap (as offline, nothing before it)."""
         self.inputs = 0  # input samples received since the start / last reset
         self.outputs = 0  # output samples returned since then
-        self._first = -self._per_phase  # input index of _buf[0]; negative indices are leading zeros
-        self._buf = np.zeros(self._per_phase, np.float64)
+        self._stream = self._new_stream()
+        self._history = np.zeros(0, np.float32)
+        self._history_start = 0  # input index of _history[0], always on the output grid (a multiple of down)
 
     def process(self, block: np.ndarray) -> np.ndarray:
-        """Feed the next input samples; returns the output samples (float32) whose input is complete."""
+        """Feed the next input samples; returns the output samples (float32) soxr has completed."""
         block = np.asarray(block, dtype=np.float32)
         if block.ndim != 1:
             raise ValueError(f"expected mono audio [samples], got shape {block.shape}")
-        if self.up == self.down:
-            self.inputs += block.shape[0]
+        self.inputs += block.shape[0]
+        if self._stream is None:
             self.outputs += block.shape[0]
             return block
-        self.inputs += block.shape[0]
-        # Outputs n with newest_input(n) < inputs: n * down + half_len < inputs * up.
-        ready = -(-(self.inputs * self.up - self._half) // self.down)
-        return self._emit(block, max(ready, self.outputs))
+        out = self._stream.resample_chunk(block)
+        self.outputs += out.shape[0]
+        self._remember(block)
+        return np.asarray(out, dtype=np.float32)
 
     def flush(self) -> np.ndarray:
-        """The last outputs of the stream (zeros assumed after it, as offline), then `reset()`.
-
-        After process(...) of all blocks and flush(), the outputs add up to ceil(inputs * out_rate / in_rate)
-        samples, as many as the offline resampler returns for the whole signal.
-        """
-        if self.up == self.down:
-            self.reset()
-            return np.zeros(0, np.float32)
-        out = self._emit(np.zeros(0, np.float32), -(-self.inputs * self.up // self.down))
+        """The last outputs of the stream, then `reset()`: in all, round(inputs * out_rate / in_rate) samples,
+        as many as the offline resampler returns for the whole signal."""
+        out = np.zeros(0, np.float32) if self._stream is None else \
+            np.asarray(self._stream.resample_chunk(np.zeros(0, np.float32), last=True), dtype=np.float32)
         self.reset()
         return out
 
     def peek_tail(self) -> np.ndarray:
-        """The outputs `flush()` would return now (zeros assumed after the input so far), without changing the
-        stream: a window can be completed at once instead of waiting `latency` samples for the next block."""
-        if self.up == self.down:
+        """The outputs `flush()` would return now, without changing the stream: a window can be completed at
+        once instead of waiting for soxr's next block."""
+        if self._stream is None:
             return np.zeros(0, np.float32)
-        saved = (self.inputs, self.outputs, self._first, self._buf.copy())
-        try:
-            return self._emit(np.zeros(0, np.float32), -(-self.inputs * self.up // self.down))
-        finally:
-            self.inputs, self.outputs, self._first, self._buf = saved
+        fresh = self._new_stream()
+        assert fresh is not None
+        tail = fresh.resample_chunk(self._history, last=True)
+        first = self._history_start * self.up // self.down  # output index of tail[0]
+        return np.asarray(tail[self.outputs - first:], dtype=np.float32)
 
-    def _emit(self, block: np.ndarray, end: int) -> np.ndarray:
-        count = end - self.outputs
-        kept = self._buf.shape[0]
-        padded = np.zeros(kept + block.shape[0] + self._pad, np.float64)
-        padded[:kept] = self._buf
-        padded[kept:kept + block.shape[0]] = block
-        out = polyphase(padded, self._first, self.outputs, count, self.up, self.down) if count > 0 \
-            else np.zeros(0, np.float32)
-        self.outputs = end
-        # Keep what the next output reads: from newest_input(end) - per_phase + 1 on.
-        keep_from = newest_input(end, self.up, self.down) - self._per_phase + 1
-        drop = min(max(0, keep_from - self._first), kept + block.shape[0])
-        self._buf = padded[drop:kept + block.shape[0]].copy()
-        self._first += drop
-        return out
+    def _new_stream(self) -> soxr.ResampleStream | None:
+        if self.up == self.down:
+            return None
+        return soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32", quality=QUALITY)
 
+    def _remember(self, block: np.ndarray) -> None:
+        history = np.concatenate([self._history, block]) if self._history.size else block.copy()
+        excess = history.shape[0] - HISTORY
+        drop = max(0, excess // self.down * self.down)  # keep the start on the output grid
+        self._history = history[drop:]
+        self._history_start += drop

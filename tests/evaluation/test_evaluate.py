@@ -103,7 +103,9 @@ def test_real_dcase_sample_passes_through(mn04_random_onnx: Path, dcase_sample: 
         # 2 test clips per machine: ToyCar and slider have only normals, so their AUCs are undefined
         assert data["machines"]["ToyCar"]["auc_source"] is None
         assert data["machines"]["ToyCar"]["pauc"] is None
-        assert data["machines"]["fan"]["auc_target"] in (0.0, 1.0)
+        # one normal against one anomaly: 0 or 1, or 0.5 for a tie (zscore-test over a batch of two gives each
+        # layer the z-scores -1 and +1; two layers that order the pair differently average to a tie)
+        assert data["machines"]["fan"]["auc_target"] in (0.0, 0.5, 1.0)
         assert not data["complete"] and data["n_undefined"] > 0
         assert data["official"] is not None
         assert (tmp_path / normalizer / "ToyCar_section_00.png").is_file()

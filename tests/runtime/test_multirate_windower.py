@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent.audio.resample import resample
-from edge_agent.audio.stream_resample import StreamResampler
 from edge_agent.audio.windowing import MultiRateWindower, Windower, fit_to_window, make_windower
 
 
@@ -33,7 +32,7 @@ def test_copies_are_cut_from_the_stream_resampled_once() -> None:
     for out_rate in rates:
         whole = resample(audio, rate, out_rate)
         hop, size = int(0.5 * out_rate), int(2.0 * out_rate)
-        edge = 40
+        edge = 100  # soxr HQ's filter reaches ~90 outputs to each side at these rates
         for k, window in enumerate(windows):
             copy = window.resampled[out_rate]
             assert copy.shape == (size,)
@@ -82,4 +81,3 @@ def test_the_model_set_takes_the_copies_and_resamples_the_rest() -> None:
     with_copy, without = models.prepare([(samples, 48000)], [{16000: copy}]), models.prepare([(samples, 48000)])
     np.testing.assert_array_equal(with_copy[0][0], fit_to_window(copy, 16000))
     np.testing.assert_allclose(without[0][0], fit_to_window(resample(samples, 48000, 16000), 16000))
-    assert StreamResampler(48000, 16000).latency > 0

@@ -2,22 +2,40 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.signal import resample_poly
 
 from edge_agent.audio.resample import resample
 from edge_agent.audio.windowing import fit_to_window, sliding_windows
 
+PAIRS = [(16000, 32000), (44100, 16000), (48000, 32000), (32000, 16000), (16000, 44100), (8000, 16000)]
 
-@pytest.mark.parametrize(("rate_in", "rate_out"), [(16000, 32000), (44100, 16000), (48000, 32000),
-                                                   (32000, 16000), (16000, 44100), (8000, 16000)])
-@pytest.mark.parametrize("length", [1, 5, 999, 48000])
-def test_resample_matches_scipy(rate_in: int, rate_out: int, length: int) -> None:
-    x = np.random.default_rng(length).standard_normal(length).astype(np.float32)
-    g = np.gcd(rate_in, rate_out)
-    expected = resample_poly(x.astype(np.float64), rate_out // g, rate_in // g)
-    got = resample(x, rate_in, rate_out)
+
+@pytest.mark.parametrize(("rate_in", "rate_out"), PAIRS)
+def test_resample_reproduces_an_analytic_sweep(rate_in: int, rate_out: int) -> None:
+    """A linear chirp from 20 Hz to 0.8 x the lower Nyquist, sampled at both rates from its formula: the
+    resampled signal equals the one sampled at the output rate to 85 dB or better (soxr HQ; the lowest
+    measured: 88 dB at 44.1k -> 16k; the filter it replaced reached ~61 dB)."""
+    seconds, top = 1.0, 0.8 * min(rate_in, rate_out) / 2
+
+    def chirp(rate: int) -> np.ndarray:
+        t = np.arange(int(seconds * rate)) / rate
+        return np.sin(2 * np.pi * (20 * t + (top - 20) * t**2 / (2 * seconds)))
+
+    got = resample(chirp(rate_in).astype(np.float32), rate_in, rate_out)
+    expected = chirp(rate_out)
     assert got.dtype == np.float32 and got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    middle = slice(len(expected) // 10, -len(expected) // 10)
+    error = got[middle] - expected[middle]
+    assert 10 * np.log10(np.mean(expected[middle] ** 2) / np.mean(error**2)) > 85
+
+
+@pytest.mark.parametrize(("rate_in", "rate_out"), PAIRS)
+@pytest.mark.parametrize("length", [1, 2, 5, 999, 48000])
+def test_resample_length_is_the_rounded_duration(rate_in: int, rate_out: int, length: int) -> None:
+    x = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    got = resample(x, rate_in, rate_out)
+    assert got.dtype == np.float32 and got.shape == (int(np.floor(length * rate_out / rate_in + 0.5)),)
+    with pytest.raises(ValueError, match="mono"):
+        resample(np.zeros((2, 8), np.float32), rate_in, rate_out)
 
 
 def test_resample_preserves_a_tone_and_removes_aliases() -> None:

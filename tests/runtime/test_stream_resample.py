@@ -1,4 +1,5 @@
-"""StreamResampler: block by block it gives the offline resampler's output on the whole signal."""
+"""StreamResampler: block by block it gives the offline resampler's output on the whole signal (the same soxr
+engine), and its tail at once when asked."""
 
 from __future__ import annotations
 
@@ -30,35 +31,44 @@ def test_blocks_of_any_size_match_offline_on_the_whole_signal(rate_in: int, rate
     got = _stream(x, StreamResampler(rate_in, rate_out), rng, max_block)
     expected = resample(x, rate_in, rate_out)
     assert got.dtype == np.float32 and got.shape == expected.shape
-    # Same filter, same sums: only float64 summation order (BLAS blocking) and float32 rounding differ.
-    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(got, expected)  # soxr's stream is its offline result, whatever the blocks
 
 
-def test_outputs_come_once_their_input_arrived_and_reset_starts_over() -> None:
-    rs = StreamResampler(48000, 16000)
-    assert rs.latency == 30  # output 0 reads input up to (0 * 3 + half length 30) // 1 = 30 (0.6 ms)
-    x = np.random.default_rng(1).standard_normal(4800).astype(np.float32)
-    first = rs.process(x)
-    assert first.shape[0] == (4800 - 30 + 2) // 3  # outputs n with 3n + 30 < 4800
-    rs.reset()
-    again = np.concatenate([rs.process(x), rs.flush()])
-    np.testing.assert_allclose(again, resample(x, 48000, 16000), atol=2e-6)
+@pytest.mark.parametrize(("rate_in", "rate_out"), RATES[:3])
+def test_the_tail_comes_at_once_without_disturbing_the_stream_and_reset_starts_over(rate_in: int,
+                                                                                    rate_out: int) -> None:
+    rs = StreamResampler(rate_in, rate_out)
+    x = np.random.default_rng(1).standard_normal(3 * rate_in).astype(np.float32)
+    block, parts = rate_in // 10, []
+    for i in range(0, x.shape[0], block):
+        parts.append(rs.process(x[i:i + block]))
+        held = round((i + block) * rate_out / rate_in) - rs.outputs
+        assert 0 <= held < 2000  # soxr holds back up to ~1 500 outputs (16k -> 32k), in its own blocks
+        tail = rs.peek_tail()
+        assert tail.shape == (held,)
+        # the tail is what flushing here would give: the offline result of the input so far
+        so_far = np.concatenate([*parts, tail])
+        np.testing.assert_allclose(so_far, resample(x[:i + block], rate_in, rate_out), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(np.concatenate([*parts, rs.flush()]), resample(x, rate_in, rate_out))
+    assert rs.inputs == rs.outputs == 0  # flush resets
+    again = np.concatenate([rs.process(x[:block]), rs.flush()])
+    np.testing.assert_array_equal(again, resample(x[:block], rate_in, rate_out))
     with pytest.raises(ValueError, match="mono"):
         rs.process(np.zeros((2, 10), np.float32))
 
 
-@pytest.mark.parametrize(("rate_in", "rate_out", "edge"), [(48000, 32000, 10), (48000, 16000, 10),
-                                                           (16000, 32000, 20)])
+@pytest.mark.parametrize(("rate_in", "rate_out", "edge"), [(48000, 32000, 100), (48000, 16000, 100),
+                                                           (16000, 32000, 200)])
 def test_window_cut_from_the_stream_matches_the_window_resampled_alone_inside(rate_in: int, rate_out: int,
                                                                                edge: int) -> None:
     """Resampled alone, a window sees zeros beyond its ends; cut from the stream it sees the real neighbours.
 
-    Only the first and last `edge` = ceil(half_len / down) output samples can differ (half_len = 10 * max(up, down)).
+    Only the first and last `edge` output samples differ (soxr HQ's filter reaches ~3 ms to each side: 86-89
+    outputs at 32 and 16 kHz, 168-180 when upsampling 16k -> 32k, measured).
     """
     rng = np.random.default_rng(2)
     x = rng.standard_normal(3 * rate_in).astype(np.float32)
     rs = StreamResampler(rate_in, rate_out)
-    assert edge == -(-rs._half // rs.down)
     stream = _stream(x, rs, rng, rate_in // 10)
     start_s, window_s = 1.0, 1.0  # starts on a whole output sample for these rates
     a, n = round(start_s * rate_in), round(window_s * rate_in)
