@@ -1,10 +1,11 @@
 """Rational-ratio resampling with libsoxr (python-soxr, "HQ" quality: 20-bit, steep linear-phase low-pass).
 
 soxr replaced this module's own polyphase windowed-sinc filter (the design of scipy.signal.resample_poly,
-Kaiser beta 5) in issue 13: measured side by side (`bench/resample.py --stream`, docs/benchmarks.md) it is
-faster and far more accurate (a sweep's SNR ~134 dB against ~61 dB; our 16k -> 32k upsampling let an image
-through only 22 dB down). Offline and streaming (edge_agent.audio.stream_resample) use the same soxr engine,
-whose stream gives exactly its offline output. A signal of n samples gives round(n * rate_out / rate_in).
+Kaiser beta 5) in issue 13: measured side by side (`bench/resample.py`, docs/benchmarks.md) it is faster in
+the streaming path, mixed offline, and far more accurate (a sweep's SNR ~134 dB against ~61 dB; our 16k -> 32k
+upsampling let an image through only 22 dB down). Offline and streaming (edge_agent.audio.stream_resample) use
+the same soxr engine, whose stream gives exactly its offline output. A signal of n samples gives round(n *
+rate_out / rate_in).
 """
 
 from __future__ import annotations
