@@ -81,6 +81,31 @@ def timings(fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds
     return np.asarray(out)
 
 
+def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each call, the calls run one after another in every round, so that all of them share
+    whatever the machine is doing at each moment (the ratios between them are from the same moments)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) * 1e3 for name, values in seconds.items()}
+
+
+def ort_session(path: Path, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session with `threads` intra-op threads and one inter-op thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def stats_ms(seconds: np.ndarray) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
     return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "n": int(ms.size)}

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +40,6 @@ def _official(directory: Path, variant: str, checkpoint: Path) -> Any:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("model", state), strict=True)
     return model.eval()
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def main() -> int:
@@ -82,7 +71,7 @@ def main() -> int:
             out.mkdir(parents=True)
             ced.write_random_checkpoint(checkpoint, variant, seed=0)
             official = _official(args.official, variant, checkpoint)
-            ours = {stft: _session(export_model(variant, out / stft, checkpoint=checkpoint, stft=stft).path)
+            ours = {stft: benchlib.ort_session(export_model(variant, out / stft, checkpoint=checkpoint, stft=stft).path)
                     for stft in ced.STFT_METHODS}
             audio = (np.random.default_rng(3).standard_normal((1, 160000)) * 0.1).astype(np.float32)
             x = torch.from_numpy(audio)
@@ -94,16 +83,7 @@ def main() -> int:
             calls = {"official (torch eager)": run_official,
                      **{f"ours {stft} (ONNX Runtime)": (lambda s=session, a=audio: s.run(None, {"waveform": a}))
                         for stft, session in ours.items()}}
-            for fn in calls.values():
-                for _ in range(3):
-                    fn()
-            times: dict[str, list[float]] = {name: [] for name in calls}
-            for _ in range(args.repeats):
-                for name, fn in calls.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
-            results[variant] = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            results[variant] = benchlib.interleaved_ms(calls, args.repeats)
             print(f"done {variant}", flush=True)
     print(f"\n### CED per 10 s window, batch 1, one thread, median of {args.repeats} interleaved calls\n")
     rows = []

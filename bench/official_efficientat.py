@@ -77,15 +77,6 @@ def _front_end_onnx(out: Path, stft: str) -> Path:
     return path
 
 
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", type=Path, required=True, help="a checkout of fschmid56/EfficientAT")
@@ -104,8 +95,8 @@ def main() -> int:
     x = torch.from_numpy(audio)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        models = {stft: _session(_export(out, stft)) for stft in ("fft", "conv")}
-        fronts = {stft: _session(_front_end_onnx(out, stft)) for stft in ("fft", "conv")}
+        models = {stft: benchlib.ort_session(_export(out, stft)) for stft in ("fft", "conv")}
+        fronts = {stft: benchlib.ort_session(_front_end_onnx(out, stft)) for stft in ("fft", "conv")}
 
         def official_model() -> object:
             with torch.inference_mode():
@@ -123,18 +114,7 @@ def main() -> int:
             "ours fft front-end": lambda: fronts["fft"].run(None, {"waveform": audio}),
             "ours conv front-end": lambda: fronts["conv"].run(None, {"waveform": audio}),
         }
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for fn in calls.values():
-            for _ in range(3):
-                fn()
-        import time
-
-        for _ in range(args.repeats):
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        ms = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+        ms = benchlib.interleaved_ms(calls, args.repeats)
         # the same audio through each: the official block 12 (features[12]) map [B, C, F, T], its time mean laid
         # out as ours (frequency-major, then channels) vs our layer_12 output
         with torch.inference_mode():

@@ -12,25 +12,14 @@ random weights (speed does not depend on them).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import benchlib
 import numpy as np
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _front_end(model: Any, out: Path) -> Path:
@@ -72,19 +61,11 @@ def main() -> int:
                                          p.name for p in out.iterdir() if p.suffix in (".pt", ".safetensors")),
                                      0, stft=method)
                 samples = model.window_samples
-                calls[f"{method} model"] = _session(result.path)
-                calls[f"{method} front-end"] = _session(_front_end(model, out))
+                calls[f"{method} model"] = benchlib.ort_session(result.path)
+                calls[f"{method} front-end"] = benchlib.ort_session(_front_end(model, out))
             audio = (np.random.default_rng(3).standard_normal((1, samples)) * 0.1).astype(np.float32)
-            times: dict[str, list[float]] = {key: [] for key in calls}
-            for session in calls.values():
-                for _ in range(3):
-                    session.run(None, {"waveform": audio})
-            for _ in range(args.repeats):
-                for key, session in calls.items():
-                    start = time.perf_counter()
-                    session.run(None, {"waveform": audio})
-                    times[key].append(time.perf_counter() - start)
-            results[name] = {key: {"median_ms": statistics.median(t) * 1e3} for key, t in times.items()}
+            runs = {key: (lambda s=session, a=audio: s.run(None, {"waveform": a})) for key, session in calls.items()}
+            results[name] = {key: {"median_ms": ms} for key, ms in benchlib.interleaved_ms(runs, args.repeats).items()}
             print(f"done {name}", flush=True)
     print(f"\n### Whole model and front-end per 10 s window, batch 1, one thread, median of {args.repeats} "
           "interleaved calls\n")
