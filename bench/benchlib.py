@@ -96,6 +96,15 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: float(np.median(values)) * 1e3 for name, values in seconds.items()}
 
 
+def print_against_official(title: str, results: dict[str, dict[str, float]], repeats: int,
+                           official: str = "official (torch eager)") -> None:
+    """results: variant -> {what: median ms}; one row per (variant, what) with its speed relative to `official`."""
+    print(f"\n### {title} per 10 s window, batch 1, one thread, median of {repeats} interleaved calls\n")
+    rows = [[variant, name, f"{value:.2f}", f"{ms[official] / value:.2f}x"]
+            for variant, ms in results.items() for name, value in ms.items()]
+    print(table(["variant", "what", "ms", "speed vs official"], rows))
+
+
 def ort_session(path: Path, threads: int = 1) -> Any:
     """An ONNX Runtime CPU session with `threads` intra-op threads and one inter-op thread."""
     import onnxruntime as ort

@@ -77,13 +77,7 @@ def main() -> int:
                      "ours (ONNX Runtime)": lambda s=ours, a=audio: s.run(None, {"waveform": a})}
             results[variant] = benchlib.interleaved_ms(calls, args.repeats)
             print(f"done {variant}", flush=True)
-    print(f"\n### BEATs per 10 s window, batch 1, one thread, median of {args.repeats} interleaved calls\n")
-    rows = []
-    for variant, ms in results.items():
-        official_ms = ms["official (torch eager)"]
-        for name, value in ms.items():
-            rows.append([variant, name, f"{value:.2f}", f"{official_ms / value:.2f}x"])
-    print(benchlib.table(["variant", "what", "ms", "speed vs official"], rows))
+    benchlib.print_against_official("BEATs", results, args.repeats)
     benchlib.write_json("official_beats", {"machine": info, "repeats": args.repeats, "ms": results}, args.json_dir)
     return 0
 
