@@ -16,7 +16,7 @@ import soxr
 
 from edge_agent.audio.resample import QUALITY, ratio
 
-HISTORY = 16384  # input samples kept for peek_tail: soxr holds back at most ~1 500 outputs at HQ (tested)
+HISTORY = 16384  # input samples kept for peek_tail: soxr holds back fewer than 2 000 outputs at HQ (tested)
 
 
 class StreamResampler:
