@@ -31,7 +31,7 @@ METADATA_KEYS = (
 )
 # Written by exports since per-output poolings exist; absent in older files, which read as before.
 OPTIONAL_KEYS = ("output_poolings", "gem_p")
-POOLINGS = ("time-mean", "time-meanstd", "time-max", "gem", "spatial", "spectral")
+POOLINGS = ("time-mean", "time-meanstd", "time-max", "gem", "time-delta", "spatial", "spectral")
 # `<layer>@<suffix>`: an output pooled otherwise than the export's default (first) pooling.
 POOLING_SEPARATOR = "@"
 POOLING_SUFFIXES = {
@@ -39,6 +39,7 @@ POOLING_SUFFIXES = {
     "time-meanstd": "meanstd",
     "time-max": "max",
     "gem": "gem",
+    "time-delta": "delta",
     "spatial": "spatial",
     "spectral": "spectral",
 }

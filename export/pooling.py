@@ -36,6 +36,9 @@ def pool_grid(grid: torch.Tensor, mode: str, gem_p: float = DEFAULT_GEM_P) -> to
     gem:          generalized mean over T, (mean over T of max(x, GEM_EPS)^p)^(1/p), D = F*C.
                   Negative (and near-zero) activations are clamped to GEM_EPS first, as the usual
                   GeM does: they contribute GEM_EPS^p, so a bin that never exceeds GEM_EPS gives GEM_EPS
+    time-delta:   mean over t of |x[t+1] - x[t]|, D = F*C: how much each (freq, channel) bin moves from one
+                  step to the next (the strokes and the quiet between them of a transient machine; a
+                  steady machine's bins barely move). A grid of one step has not moved: zeros
     spatial:      mean over T and F, D = C
     spectral:     mean over F, flatten T*C (keeps time; for ablations only)
     """
@@ -52,6 +55,10 @@ def pool_grid(grid: torch.Tensor, mode: str, gem_p: float = DEFAULT_GEM_P) -> to
     if mode == "gem":
         check_gem_p(gem_p)
         return grid.clamp(min=GEM_EPS).pow(gem_p).mean(dim=1).pow(1.0 / gem_p).reshape(batch, -1)
+    if mode == "time-delta":
+        if grid.shape[1] < 2:
+            return torch.zeros_like(grid[:, 0]).reshape(batch, -1)
+        return (grid[:, 1:] - grid[:, :-1]).abs().mean(dim=1).reshape(batch, -1)
     if mode == "spatial":
         return grid.mean(dim=(1, 2))
     if mode == "spectral":
@@ -65,6 +72,7 @@ def pooled_dim(time: int, freq: int, channels: int, mode: str) -> int:
         "time-meanstd": 2 * freq * channels,
         "time-max": freq * channels,
         "gem": freq * channels,
+        "time-delta": freq * channels,
         "spatial": channels,
         "spectral": time * channels,
     }

@@ -19,6 +19,10 @@ def reference_pool(grid: np.ndarray, mode: str, gem_p: float) -> np.ndarray:
         return g.max(axis=1).reshape(batch, -1)
     if mode == "gem":
         return ((np.maximum(g, GEM_EPS) ** gem_p).mean(axis=1) ** (1.0 / gem_p)).reshape(batch, -1)
+    if mode == "time-delta":
+        if g.shape[1] < 2:
+            return np.zeros((batch, g.shape[2] * g.shape[3]))
+        return np.abs(np.diff(g, axis=1)).mean(axis=1).reshape(batch, -1)
     if mode == "spatial":
         return g.mean(axis=(1, 2))
     raise ValueError(mode)

@@ -66,6 +66,7 @@ def test_names_suffixes_and_poolings_must_agree() -> None:
     assert pooled_output_name("layer_3", "time-max", default=False) == "layer_3@max"
     assert pooled_output_name("layer_3", "time-max", default=True) == "layer_3"
     assert split_output_name("layer_3@meanstd") == ("layer_3", "time-meanstd")
+    assert split_output_name("layer_3@delta") == ("layer_3", "time-delta")
     assert split_output_name("layer_3") == ("layer_3", None)
     with pytest.raises(ModelMetadataError, match="named for time-max pooling but records gem"):
         _info(output_poolings=("time-mean", "time-meanstd", "gem", "gem", "spatial"))

@@ -83,6 +83,33 @@ def test_gem_lies_between_mean_and_max_of_positive_input(grid: np.ndarray) -> No
     np.testing.assert_allclose(_pool(constant, "gem"), 0.7, rtol=1e-6)
 
 
+def test_time_delta_is_the_mean_step_size(grid: np.ndarray) -> None:
+    out = _pool(grid, "time-delta")
+    assert out.shape == (B, F * C) and np.all(out >= 0)
+    np.testing.assert_allclose(out, reference_pool(grid, "time-delta", DEFAULT_GEM_P), rtol=1e-5, atol=1e-7)
+    f, c = 1, 4
+    steps = np.abs(np.diff(grid[0, :, f, c]))
+    assert out[0, f * C + c] == pytest.approx(float(steps.sum() / (T - 1)), rel=1e-5)  # T - 1 steps, not T
+    ramp = np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1) * 0.5
+    np.testing.assert_allclose(_pool(ramp, "time-delta"), [[0.5]])
+    np.testing.assert_allclose(_pool(-ramp[:, ::-1].copy(), "time-delta"), [[0.5]])  # direction does not matter
+    constant = np.full((1, 4, 2, 3), 5.0, np.float32)
+    np.testing.assert_array_equal(_pool(constant, "time-delta"), 0.0)
+    # a steady bin and a bin that alternates with the same mean and spread: only time-delta tells them apart
+    slow = np.repeat([0.0, 1.0], 4).astype(np.float32).reshape(1, 8, 1, 1)
+    fast = np.tile([0.0, 1.0], 4).astype(np.float32).reshape(1, 8, 1, 1)
+    np.testing.assert_allclose(_pool(slow, "time-meanstd"), _pool(fast, "time-meanstd"))
+    assert _pool(fast, "time-delta")[0, 0] == pytest.approx(1.0)
+    assert _pool(slow, "time-delta")[0, 0] == pytest.approx(1 / 7)
+
+
+def test_time_delta_of_a_single_step_is_zero() -> None:
+    one = np.random.default_rng(0).standard_normal((2, 1, 3, 4)).astype(np.float32)
+    out = _pool(one, "time-delta")
+    assert out.shape == (2, 12) and not np.isnan(out).any()
+    np.testing.assert_array_equal(out, 0.0)
+
+
 def test_spatial_and_spectral_unchanged(grid: np.ndarray) -> None:
     np.testing.assert_allclose(_pool(grid, "spatial"), grid.mean(axis=(1, 2)), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(_pool(grid, "spectral"), grid.mean(axis=2).reshape(B, T * C), rtol=1e-5, atol=1e-7)

@@ -19,7 +19,7 @@ from export.pooling import Poolings
 
 from .pooling_reference import reference_pool, rel_error
 
-MN04_POOLINGS = ("time-mean", "time-meanstd", "time-max", "gem")
+MN04_POOLINGS = ("time-mean", "time-meanstd", "time-max", "gem", "time-delta")
 MN04_LAYERS = ("layer_11", "layer_12", "embedding")
 
 
@@ -59,11 +59,11 @@ def mn04_poolings(tmp_path_factory: pytest.TempPathFactory, mn04_checkpoint: Pat
 def test_mn04_outputs_and_metadata(mn04_poolings: ExportResult) -> None:
     info = mn04_poolings.info
     assert info.layers == (
-        "layer_11", "layer_11@meanstd", "layer_11@max", "layer_11@gem",
-        "layer_12", "layer_12@meanstd", "layer_12@max", "layer_12@gem",
+        "layer_11", "layer_11@meanstd", "layer_11@max", "layer_11@gem", "layer_11@delta",
+        "layer_12", "layer_12@meanstd", "layer_12@max", "layer_12@gem", "layer_12@delta",
         "embedding",
     )
-    assert info.dims == (384, 768, 384, 384, 384, 768, 384, 384, 384)  # 8 bands x 48 channels; meanstd twice
+    assert info.dims == (384, 768, 384, 384, 384) * 2 + (384,)  # 8 bands x 48 channels; meanstd twice
     assert info.output_poolings == (*MN04_POOLINGS, *MN04_POOLINGS, "spatial")
     assert info.pooling == "time-mean" and info.gem_p == 3.0
     assert info.default_layers == ("layer_11", "layer_12")
@@ -103,6 +103,8 @@ def test_runtime_encoder_reads_the_pooled_outputs(mn04_poolings: ExportResult) -
     out = encoder.embed(_audio(2, efficientat.WINDOW_SAMPLES))
     assert list(out) == list(mn04_poolings.info.layers)
     assert out["layer_12@meanstd"].shape == (2, 768) and out["layer_12@gem"].shape == (2, 384)
+    assert out["layer_12@delta"].shape == (2, 384) and np.all(out["layer_12@delta"] >= 0)
+    assert encoder.info.output_pooling("layer_12@delta") == "time-delta"
     assert encoder.info.output_pooling("layer_11@max") == "time-max"
     assert encoder.info.dim("layer_12@meanstd") == 768
 
@@ -126,13 +128,14 @@ def test_old_file_without_pooling_metadata_reads_as_before(tmp_path: Path) -> No
 
 def test_ced_tiny_meanstd_first_and_gem(tmp_path: Path) -> None:
     """ced-tiny, random weights: the first pooling (time-meanstd here) owns the plain names."""
-    poolings = ("time-meanstd", "gem", "time-mean")
+    poolings = ("time-meanstd", "gem", "time-mean", "time-delta")
     result = export_model("ced-tiny", tmp_path, random_init=True, seed=2, layers=["layer_2", "layer_7"],
                           pooling=poolings, gem_p=2.5)
     info = read_model_info(result.path)
     assert info == result.info
-    assert info.layers == ("layer_2", "layer_2@gem", "layer_2@mean", "layer_7", "layer_7@gem", "layer_7@mean")
-    assert info.dims == (1536, 768, 768) * 2 and info.output_poolings == poolings * 2
+    assert info.layers == ("layer_2", "layer_2@gem", "layer_2@mean", "layer_2@delta",
+                           "layer_7", "layer_7@gem", "layer_7@mean", "layer_7@delta")
+    assert info.dims == (1536, 768, 768, 768) * 2 and info.output_poolings == poolings * 2
     assert info.pooling == "time-meanstd" and info.gem_p == 2.5
     assert info.default_layers == ("layer_7",)  # the family default present (layer_10 is not exported)
     checkpoint = tmp_path / "ced-tiny.random-seed2.pt"
@@ -150,15 +153,16 @@ def test_ced_tiny_meanstd_first_and_gem(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_beats_meanstd_gem_max(tmp_path: Path) -> None:
-    """BEATs, random weights, one block (the graph stops there): three poolings of layer_1."""
+def test_beats_meanstd_gem_max_delta(tmp_path: Path) -> None:
+    """BEATs, random weights, one block (the graph stops there): four poolings of layer_1."""
     result = export_model("beats", tmp_path, random_init=True, seed=2, layers=["layer_1"],
-                          pooling=["time-meanstd", "gem", "time-max"])
+                          pooling=["time-meanstd", "gem", "time-max", "time-delta"])
     info = result.info
-    assert info.layers == ("layer_1", "layer_1@gem", "layer_1@max") and info.dims == (12288, 6144, 6144)
-    assert info.output_poolings == ("time-meanstd", "gem", "time-max") and info.gem_p == 3.0
+    assert info.layers == ("layer_1", "layer_1@gem", "layer_1@max", "layer_1@delta")
+    assert info.dims == (12288, 6144, 6144, 6144)
+    assert info.output_poolings == ("time-meanstd", "gem", "time-max", "time-delta") and info.gem_p == 3.0
     assert info.default_layers == ("layer_1",)
-    model = beats.build("beats", ["layer_1"], Poolings(("time-meanstd", "gem", "time-max")),
+    model = beats.build("beats", ["layer_1"], Poolings(("time-meanstd", "gem", "time-max", "time-delta")),
                         tmp_path / "beats.random-seed2.pt")
     audio = _audio(2, beats.WINDOW_SAMPLES)
     got = _check_against_torch(result, model, audio)
