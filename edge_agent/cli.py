@@ -34,7 +34,7 @@ from edge_agent.model.encoder import Encoder
 from edge_agent.model.model_set import ModelSet
 from edge_agent.scoring.bank import DOMAINS, MixupSpec
 from edge_agent.scoring.bank_set import describe_banks, load_banks
-from edge_agent.scoring.calibration import calibrate
+from edge_agent.scoring.calibration import DEFAULT_QUANTILE, calibrate
 from edge_agent.scoring.config import FEATURE_STATS, FUSIONS, LD_REDUCES, NORMALIZERS, ScoringConfig
 from edge_agent.scoring.enrollment import enroll
 from edge_agent.scoring.knn import METRICS
@@ -294,11 +294,15 @@ def run_score(args: argparse.Namespace) -> int:
     scorer = Scorer.fit(banks.banks, cfg)
     threshold = args.threshold
     if threshold is None:
-        if banks.threshold is None or cfg.to_dict() != banks.scoring:
-            log.info("threshold_recalibrated", cause="the scoring config differs from the bank's")
-            threshold = float(calibrate(scorer.loo_scores())["value"])
+        stored = banks.threshold or {}
+        calibrated = isinstance(stored.get("value"), (int, float))
+        cause = banks.threshold_mismatch(cfg, scorer.layers) if calibrated else "the bank has no threshold"
+        if cause is None:
+            threshold = float(stored["value"])
         else:
-            threshold = float(banks.threshold["value"])
+            threshold = float(calibrate(scorer.loo_scores(), stored.get("method", "gamma"),
+                                        stored.get("quantile", DEFAULT_QUANTILE))["value"])
+            log.info("threshold_recalibrated", cause=cause, threshold=round(threshold, 6))
     for path in audio_files(args.inputs):
         per_model = _aligned_windows([path], models, args.hop)
         embeddings = [embed_windows(encoder, [w.samples for w in windows], args.batch_size)

@@ -27,6 +27,7 @@ from edge_agent.model.encoder import Encoder
 from edge_agent.model.model_set import ModelSet
 from edge_agent.scoring.bank import BANK_JSON
 from edge_agent.scoring.bank_set import ENSEMBLE_JSON, BankSet, load_banks
+from edge_agent.scoring.calibration import DEFAULT_QUANTILE, calibrate
 from edge_agent.scoring.config import ScoringConfig
 from edge_agent.scoring.scorer import Scorer
 
@@ -50,7 +51,8 @@ class SourcePipeline:
     bank_id: str
     scorer: Scorer | None
     threshold: float
-    threshold_origin: str  # "config" | "bank" | "learning"
+    # "config" | "bank" | "recalibrated" (the bank's, calibrated again: scored otherwise now) | "learning"
+    threshold_origin: str
     tracker: EpisodeTracker
     context: AlertContext
     bank_path: Path  # where the bank is (sources.bank, or <state_dir>/banks/<source> when learned on site)
@@ -155,8 +157,8 @@ def build_runtime(cfg: AgentConfig, previous: Runtime | None, isolate: bool = Fa
                     continue
             bank_sha256 = banks.content_hash() if banks is not None else ""
         try:
-            threshold, origin = _threshold(src, banks, at, cfg.source_file) if banks is not None \
-                else (math.nan, "learning")
+            threshold, origin = _threshold(src, banks, scorer, at, cfg.source_file, old) \
+                if banks is not None and scorer is not None else (math.nan, "learning")
         except ConfigError as exc:
             if not isolate:
                 raise
@@ -203,7 +205,7 @@ def make_drift(src: SourceConfig, banks: BankSet | None, scorer: Scorer | None, 
     if scorer is not None and banks is not None and banks.count_raw("source") <= MAX_CALIBRATION_REFS:
         calibration = scorer.loo_scores()
     expected = None
-    if origin == "bank" and banks is not None:
+    if origin in ("bank", "recalibrated") and banks is not None:
         quantile = (banks.threshold or {}).get("quantile")
         if isinstance(quantile, (int, float)) and 0 < quantile < 1:
             expected = 1.0 - float(quantile)
@@ -225,14 +227,32 @@ def bank_stamp(directory: Path | None) -> tuple[int, int, int] | None:
     return None
 
 
-def _threshold(src: SourceConfig, banks: BankSet, at: str, file: str) -> tuple[float, str]:
+def _threshold(src: SourceConfig, banks: BankSet, scorer: Scorer, at: str, file: str,
+               old: SourcePipeline | None) -> tuple[float, str]:
+    """The config's threshold, else the bank's; a bank threshold calibrated on scores computed otherwise (another
+    normalizer, fusion, statistics term or layers) is calibrated again, with its method and quantile, on the
+    leave-one-out scores of the scoring now in force: its value would mean nothing on these scores."""
     if src.threshold is not None:
         return float(src.threshold), "config"
-    value = (banks.threshold or {}).get("value")
+    stored = banks.threshold or {}
+    value = stored.get("value")
     if not isinstance(value, (int, float)):
         raise ConfigError(f"{at}.threshold", f"bank {banks.path} has no calibrated threshold; set one here",
                           source=file)
-    return float(value), "bank"
+    mismatch = banks.threshold_mismatch(src.scoring, scorer.layers)
+    if mismatch is None:
+        return float(value), "bank"
+    if old is not None and old.bank is banks and old.scorer is scorer and old.threshold_origin == "recalibrated":
+        return old.threshold, "recalibrated"
+    method, quantile = stored.get("method", "gamma"), stored.get("quantile", DEFAULT_QUANTILE)
+    try:
+        fresh = float(calibrate(scorer.loo_scores(), method, quantile)["value"])
+    except EdgeAsdError as exc:
+        raise ConfigError(f"{at}.threshold", f"bank {banks.path} was calibrated with another scoring ({mismatch}) "
+                          f"and calibrating it again failed: {exc}; set one here", source=file) from None
+    log.warning("threshold_recalibrated", source=src.name, bank=str(banks.path), stored=float(value),
+                threshold=round(fresh, 6), cause=mismatch)
+    return fresh, "recalibrated"
 
 
 def _capture_key(src: SourceConfig) -> tuple[Any, ...]:

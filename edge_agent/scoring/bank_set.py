@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.clock import iso_time
-from edge_agent.errors import BankError, EdgeAsdError, ModelMismatchError
+from edge_agent.errors import BankError, ConfigError, EdgeAsdError, ModelMismatchError
 from edge_agent.fsutil import (
     read_directory_consistently,
     replacing_directory,
@@ -31,6 +31,7 @@ from edge_agent.fsutil import (
 )
 from edge_agent.model_info import MemberModel, ModelInfo, ensemble_id
 from edge_agent.scoring.bank import BANK_JSON, DOMAINS, MemoryBank
+from edge_agent.scoring.config import ScoringConfig
 from edge_agent.scoring.scorer import BankScorer
 
 ENSEMBLE_JSON = "ensemble.json"
@@ -74,6 +75,23 @@ class BankSet:
 
     def count(self, domain: str) -> int:
         return self.banks[0].count(domain)
+
+    def threshold_mismatch(self, cfg: ScoringConfig, layers: Sequence[Sequence[str]]) -> str | None:
+        """Why the stored threshold does not fit scores computed with `cfg` over `layers` (one tuple per member),
+        or None when it was calibrated on such scores (or the set records no scoring config to tell)."""
+        if self.scoring is None:
+            return None
+        try:
+            stored = ScoringConfig.from_dict(self.scoring).statistics_key()
+        except ConfigError as exc:
+            return f"its recorded scoring config is not valid here ({exc})"
+        now = cfg.statistics_key()
+        differ = [f"{key} {stored[key]!r} -> {now[key]!r}" for key in now if stored[key] != now[key]]
+        for bank, used in zip(self.banks, layers, strict=True):
+            then = (bank.scorer_state or {}).get("layers")
+            if isinstance(then, dict) and sorted(then) != sorted(used):
+                differ.append(f"layers {','.join(sorted(then))} -> {','.join(sorted(used))}")
+        return "; ".join(differ) or None
 
     def content_hash(self) -> str:
         """One model: its bank's content hash. Several: independent of member order, sha256 over the

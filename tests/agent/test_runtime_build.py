@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,16 @@ import pytest
 from edge_agent.agent.config import parse_config
 from edge_agent.agent.runtime import build_runtime
 from edge_agent.errors import ConfigError
+from edge_agent.model.encoder import Encoder
+from edge_agent.scoring.bank_set import BankSet, load_banks
+from edge_agent.scoring.calibration import calibrate
+from edge_agent.scoring.config import ScoringConfig
 
 from .agent_helpers import build_bank
+
+
+def _banks(model: Path, bank_dir: Path) -> BankSet:
+    return load_banks(bank_dir, [Encoder(model).member])
 
 
 def _cfg(tmp_path: Path, model: Path, bank: Path, source_extra: str = ""):  # type: ignore[no-untyped-def]
@@ -74,3 +83,51 @@ def test_a_scoring_error_carries_path_message_and_value_as_fields(tmp_path: Path
         _cfg(tmp_path, toy_model, bank_dir, ", scoring: {k_n: 0}")
     assert (info.value.path, info.value.message, info.value.value) == (
         "sources[0].scoring.k_n", "must be an integer >= 1", 0)
+
+
+def test_a_bank_threshold_calibrated_on_other_scores_is_calibrated_again(tmp_path: Path, toy_model: Path,
+                                                                        bank_dir: Path) -> None:
+    """A config (or an upgrade) that scores otherwise than the bank's calibration gets a threshold calibrated on
+    the scores now in force, with the bank's method and quantile; the stored one is kept when they agree."""
+    stored = _banks(toy_model, bank_dir).threshold
+    assert stored is not None and stored["method"] == "gamma"
+    plain = build_runtime(_cfg(tmp_path, toy_model, bank_dir), None).pipelines["fan"]
+    assert (plain.threshold, plain.threshold_origin) == (stored["value"], "bank")
+    searched_wider = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", scoring: {hnsw_ef_search: 300}"), None)
+    assert searched_wider.pipelines["fan"].threshold_origin == "bank"  # search settings do not change the scores
+
+    first = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", scoring: {normalizer: none}"), None)
+    other = first.pipelines["fan"]
+    assert other.threshold_origin == "recalibrated"
+    assert other.scorer is not None
+    expected = calibrate(other.scorer.loo_scores(), "gamma", stored["quantile"])["value"]
+    assert other.threshold == pytest.approx(expected) and other.threshold != pytest.approx(stored["value"])
+    assert other.context.threshold == other.threshold
+    again = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", scoring: {normalizer: none}"), first)
+    assert again.pipelines["fan"].scorer is other.scorer  # reused, not calibrated again
+    assert (again.pipelines["fan"].threshold, again.pipelines["fan"].threshold_origin) == (
+        other.threshold, "recalibrated")
+    named = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", scoring: {layers: [layer_1]}"), None)
+    assert named.pipelines["fan"].threshold_origin == "bank"  # the default layer, named: the same scores
+    both = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", scoring: {layers: [layer_1, layer_2]}"), None)
+    assert both.pipelines["fan"].threshold_origin == "recalibrated"
+    pinned = build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", scoring: {normalizer: none}, threshold: 2.5"), None)
+    assert (pinned.pipelines["fan"].threshold, pinned.pipelines["fan"].threshold_origin) == (2.5, "config")
+    back = build_runtime(_cfg(tmp_path, toy_model, bank_dir), again).pipelines["fan"]
+    assert (back.threshold, back.threshold_origin) == (stored["value"], "bank")
+
+
+def test_threshold_mismatch_names_what_differs(tmp_path: Path, toy_model: Path, bank_dir: Path) -> None:
+    banks = _banks(toy_model, bank_dir)
+    calibrated = ScoringConfig.from_dict(banks.scoring)
+    assert banks.threshold_mismatch(calibrated, [("layer_1",)]) is None
+    cause = banks.threshold_mismatch(dataclasses.replace(calibrated, k_n=3), [("layer_2", "layer_1")])
+    assert cause is not None
+    assert "k_n 1 -> 3" in cause and "layers layer_1 -> layer_1,layer_2" in cause
+    unreadable = _banks(toy_model, bank_dir)
+    unreadable.scoring = {"normalizer": "magic"}
+    cause = unreadable.threshold_mismatch(calibrated, [("layer_1",)])
+    assert cause is not None and "not valid here" in cause and "magic" in cause
+    unrecorded = _banks(toy_model, bank_dir)
+    unrecorded.scoring = None
+    assert unrecorded.threshold_mismatch(dataclasses.replace(calibrated, k_n=3), [("layer_1",)]) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -9,6 +10,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import main
+from edge_agent.model.encoder import Encoder
+from edge_agent.scoring.bank_set import load_banks
+from edge_agent.scoring.calibration import calibrate
+from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.scorer import Scorer
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +50,17 @@ def test_enroll_info_score(demo: Path, mn04_random_onnx: Path, tmp_path: Path,
     assert main(["score", "--model", str(mn04_random_onnx), "--bank", str(bank), "--normalization", "ld",
                  "--threshold", "123", str(demo / "rec.wav")]) == 0
     assert all(r["threshold"] == 123 and not r["anomalous"] for r in _json_lines(capsys.readouterr().out))
+
+    # scored otherwise than the bank was calibrated (raw distances): its threshold is calibrated again on those
+    assert main(["score", "--model", str(mn04_random_onnx), "--bank", str(bank), "--normalization", "none",
+                 str(demo / "rec.wav")]) == 0
+    raw = _json_lines(capsys.readouterr().out)
+    banks = load_banks(bank, [Encoder(mn04_random_onnx).member])
+    cfg = dataclasses.replace(ScoringConfig.from_dict(banks.scoring), normalizer="none")
+    expected = calibrate(Scorer.fit(banks.banks, cfg).loo_scores(), banks.threshold["method"],
+                         banks.threshold["quantile"])["value"]
+    assert all(r["threshold"] == pytest.approx(expected, rel=1e-5) for r in raw)
+    assert expected != pytest.approx(summary["threshold"], rel=1e-2)
 
 
 def test_enroll_from_source_and_target_paths_with_memmixup(demo: Path, mn04_random_onnx: Path,
