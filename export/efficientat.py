@@ -62,8 +62,9 @@ OFFICIAL_WEIGHTS = {
     for variant, name in _FILE_NAMES.items()
 }
 
-# The tentative scoring defaults: the last block of the stride-16 stages (see docs/encoders.md).
-_DEFAULT_LAYERS = ("layer_11", "layer_12")
+# The scoring defaults: blocks 11 and 12, the last of the stride-16 stages (docs/encoders.md), and block 6
+# as a third member, chosen on development data only (bench/quality_study.py, docs/evaluation.md).
+_DEFAULT_LAYERS = ("layer_6", "layer_11", "layer_12")
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,12 @@ class ScoringConfig:
     sigma_fallback: str = "pooled"  # zscore-domain: sigma when the target bank is too small
     sigma_min_target: int = 4  # zscore-domain: fewer target refs than this use the fallback sigma
     layers: tuple[str, ...] | None = None  # None: the model's default_layers present in the bank
-    feature_stats: str = "off"  # "add": each layer's feature-statistics term beside its kNN score
+    # The defaults of the statistics term and the fusion were chosen on development data (docs/evaluation.md).
+    feature_stats: str = "add"  # "add": each layer's feature-statistics term beside its kNN score
     feature_stats_layers: tuple[str, ...] | None = None  # with "add": only these layers (None: every scored one)
     # with "add": each dimension's std is floored at eps x the layer's typical within-domain std
-    feature_stats_eps: float = 1e-3
-    fusion: str = "mean"  # "standardized": members standardized by their leave-one-out training scores
+    feature_stats_eps: float = 1.0
+    fusion: str = "standardized"  # members standardized by their leave-one-out training scores, or the raw "mean"
 
     def __post_init__(self) -> None:
         _choice("normalizer", self.normalizer, NORMALIZERS)

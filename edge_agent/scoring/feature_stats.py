@@ -67,6 +67,10 @@ _TOP_KEYS = frozenset({"version", "layer", "dim", "eps", "floor", "loo_mean", "l
 _DOMAIN_KEYS = frozenset({"count", "mean", "std"})
 
 
+class TooFewRefs(ValueError):
+    """The bank's refs are too few for the term (a domain of MIN_REFS, and 2 finite leave-one-out scores)."""
+
+
 @dataclass(frozen=True, eq=False)
 class DomainStats:
     """Per-dimension mean and (floored) population std of one domain's refs; float64 [D]."""
@@ -110,7 +114,8 @@ class FeatureStats:
 
         Returns (stats, loo) with loo [N_source + N_target] in the bank's order (source refs, then
         target refs; +inf for a ref that no domain is left to score). Raises ValueError when the
-        input is malformed, no domain has 2 refs, or fewer than 2 leave-one-out scores are finite.
+        input is malformed; TooFewRefs (a ValueError) when no domain has 2 refs, or fewer than 2 leave-one-out
+        scores are finite.
         """
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"feature stats eps: must be a finite number > 0, got {eps!r}")
@@ -118,7 +123,7 @@ class FeatureStats:
         counts = {d: int(x.shape[0]) for d, x in arrays.items()}
         moments = {d: _moments(x) for d, x in arrays.items() if x.shape[0] >= MIN_REFS}
         if not moments:
-            raise ValueError(f"feature stats of layer {layer}: no domain has {MIN_REFS} refs (counts {counts})")
+            raise TooFewRefs(f"feature stats of layer {layer}: no domain has {MIN_REFS} refs (counts {counts})")
         floor = float(eps) * _typical_scale(moments, {d: counts[d] for d in moments})
         domains = {d: DomainStats(mean, np.maximum(np.sqrt(m2 / counts[d]), floor), counts[d])
                    for d, (mean, m2) in moments.items()}
@@ -134,7 +139,7 @@ class FeatureStats:
         loo = np.concatenate(loo_parts) if loo_parts else np.zeros(0)
         finite = loo[np.isfinite(loo)]
         if finite.size < 2:
-            raise ValueError(f"feature stats of layer {layer}: {finite.size} finite leave-one-out score(s), need 2 "
+            raise TooFewRefs(f"feature stats of layer {layer}: {finite.size} finite leave-one-out score(s), need 2 "
                              f"(a domain of 2 refs has none of its own; counts {counts})")
         loo_mean, loo_std = float(finite.mean()), float(finite.std())
         if not loo_std > _LOO_STD_MIN * max(1.0, abs(loo_mean)):

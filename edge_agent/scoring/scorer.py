@@ -22,7 +22,7 @@ from edge_agent.errors import BankError, ConfigError, ModelMismatchError
 from edge_agent.logs import get_logger
 from edge_agent.scoring.bank import MemoryBank
 from edge_agent.scoring.config import ScoringConfig
-from edge_agent.scoring.feature_stats import FeatureStats
+from edge_agent.scoring.feature_stats import FeatureStats, TooFewRefs
 from edge_agent.scoring.knn import HnswIndex, KnnIndex, build_index
 from edge_agent.scoring.normalizers import LayerBank, Normalizer, make_normalizer
 
@@ -230,6 +230,8 @@ def _feature_stats(bank: MemoryBank, cfg: ScoringConfig, layers: tuple[str, ...]
                 log.warning("feature_stats_refit", bank=bank.path or "(in memory)", layer=layer, error=str(exc))
         try:
             stats[layer], loo[layer] = FeatureStats.fit(layer, _raw_refs(bank, layer), cfg.feature_stats_eps)
+        except TooFewRefs as exc:  # a bank of a few windows still scores, by its kNN scores alone
+            log.warning("feature_stats_skipped", bank=bank.path or "(in memory)", layer=layer, cause=str(exc))
         except ValueError as exc:
             raise BankError(f"layer {layer}: the feature-statistics term cannot be fitted: {exc}") from None
     return stats, loo

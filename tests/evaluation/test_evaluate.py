@@ -216,9 +216,10 @@ def test_every_scoring_knob_reaches_evaluate(mn04_random_onnx: Path, synthetic_r
     # the knobs change the scores computed from the same embeddings
     dataset = scan_dataset(synthetic_root, machines=["fan"])
     embeddings = embed_dataset([mn04_random_onnx], dataset, progress=False, layers="default")
-    plain = score_embeddings(embeddings, ScoringConfig()).sections[0].scores
+    plain = score_embeddings(embeddings, ScoringConfig(feature_stats="off", fusion="mean")).sections[0].scores
     fused = score_embeddings(embeddings, ScoringConfig(feature_stats="add", fusion="standardized")).sections[0].scores
-    mixed = score_embeddings(embeddings, ScoringConfig(), MixupSpec(0.8, 4)).sections[0].scores
+    mixed = score_embeddings(embeddings, ScoringConfig(feature_stats="off", fusion="mean"),
+                             MixupSpec(0.8, 4)).sections[0].scores
     assert not np.allclose(plain, fused) and not np.allclose(plain, mixed)
     for bad in ("4", "0,0.5", "4,1.5", "a,b"):
         args = parser.parse_args(["--model", str(mn04_random_onnx), "--dataset", str(synthetic_root),

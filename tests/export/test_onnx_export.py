@@ -35,7 +35,7 @@ def test_real_mn04_export_matches_pytorch(mn04_real_export: ExportResult, mn04_c
     info = result.info
     assert info.checkpoint_sha256 == MN04_SHA256 == sha256_file(mn04_checkpoint)
     assert info.layers == efficientat.available_layers("mn04")
-    assert info.default_layers == ("layer_11", "layer_12")
+    assert info.default_layers == ("layer_6", "layer_11", "layer_12")
     # independent check on other audio and another batch size than the exporter's own verification
     encoder = efficientat.build("mn04", info.layers, "time-mean", mn04_checkpoint)
     audio = _audio(3)

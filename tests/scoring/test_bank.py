@@ -16,6 +16,8 @@ from edge_agent.scoring.config import ScoringConfig
 from edge_agent.scoring.knn import HnswIndex
 from edge_agent.scoring.scorer import BankScorer
 
+from .configs import knn_only
+
 
 @pytest.fixture
 def info(info_factory):
@@ -31,7 +33,7 @@ def bank(info) -> MemoryBank:
     return MemoryBank(info, emb, names)
 
 
-CFG = ScoringConfig(exact_below=100, hnsw_m=8, hnsw_ef_construction=40)  # source (120) uses HNSW
+CFG = knn_only(exact_below=100, hnsw_m=8, hnsw_ef_construction=40)  # source (120) uses HNSW
 
 
 def saved(bank: MemoryBank, path: Path, cfg: ScoringConfig = CFG) -> BankScorer:
@@ -68,20 +70,20 @@ def test_round_trip(bank: MemoryBank, info, tmp_path: Path) -> None:
 
 
 def test_stored_statistics_are_reused_only_for_the_same_config(bank: MemoryBank, tmp_path: Path, caplog) -> None:
-    cfg = ScoringConfig(normalizer="zscore-domain")
+    cfg = knn_only(normalizer="zscore-domain")
     saved(bank, tmp_path / "bank", cfg)
     loaded = MemoryBank.load(tmp_path / "bank")
     assert loaded.scorer_state is not None
     loaded.scorer_state["layers"]["layer_8"]["stats"]["mu_source"] = 123.0  # proves it is read, not refitted
     assert BankScorer.fit(loaded, cfg).state()["layers"]["layer_8"]["stats"]["mu_source"] == 123.0
     with caplog.at_level("INFO", logger="edge_agent.scoring.scorer"):
-        other = BankScorer.fit(loaded, ScoringConfig(normalizer="zscore-domain", k_n=2))
+        other = BankScorer.fit(loaded, knn_only(normalizer="zscore-domain", k_n=2))
     assert "event=scorer_refit" in caplog.text
     assert other.state()["layers"]["layer_8"]["stats"]["mu_source"] != 123.0
 
 
 def test_scorer_state_of_another_bank_is_refused(bank: MemoryBank, tmp_path: Path) -> None:
-    state = BankScorer.fit(bank, ScoringConfig()).state()
+    state = BankScorer.fit(bank, knn_only()).state()
     with pytest.raises(BankError, match="different bank"):
         bank.with_memmixup().save(tmp_path / "b", scorer_state=state)
 
@@ -111,7 +113,7 @@ def test_loo_leaves_out_a_target_ref_and_its_mixes(info_factory) -> None:
     src = np.array([[0.0], [1.0], [3.0], [7.0]], dtype=np.float32)
     bank = MemoryBank(info, {"source": {"layer_1": src}, "target": {"layer_1": np.array([[10.0]])}})
     mixed = bank.with_memmixup(lam=0.9, k=2)  # target rows: 10, 9.7, 9.3
-    loo = BankScorer.fit(mixed, ScoringConfig(normalizer="none")).loo_scores()
+    loo = BankScorer.fit(mixed, knn_only(normalizer="none")).loo_scores()
     # source ref 7: min(d_S = 4, d_T = |7 - 9.3| = 2.3); target ref 10: only d_S = 3 is left
     assert loo.shape == (5,)
     assert loo[3] == pytest.approx(2.3, rel=1e-6) and loo[4] == pytest.approx(3.0, rel=1e-12)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edge_agent.scoring import bank
-from edge_agent.scoring.feature_stats import DEFAULT_EPS, DOMAINS, DomainStats, FeatureStats
+from edge_agent.scoring.feature_stats import DEFAULT_EPS, DOMAINS, DomainStats, FeatureStats, TooFewRefs
 
 RTOL = 1e-9
 
@@ -172,9 +172,9 @@ def test_source_of_two_refs_scores_against_the_target() -> None:
 
 
 def test_too_few_refs_refused() -> None:
-    with pytest.raises(ValueError, match="no domain has 2 refs"):
+    with pytest.raises(TooFewRefs, match="no domain has 2 refs"):
         FeatureStats.fit("l", {"source": randn(1, 1, 4), "target": randn(2, 1, 4)})
-    with pytest.raises(ValueError, match="finite leave-one-out"):
+    with pytest.raises(TooFewRefs, match="finite leave-one-out"):
         FeatureStats.fit("l", {"source": randn(1, 2, 4)})
 
 

@@ -38,15 +38,16 @@ def _queries(seed: int = 1) -> dict[str, np.ndarray]:
 
 def test_the_statistics_term_sits_beside_each_layers_knn_score() -> None:
     bank = _bank()
-    plain = BankScorer.fit(bank, ScoringConfig())
-    added = BankScorer.fit(bank, ScoringConfig(feature_stats="add"))
+    plain = BankScorer.fit(bank, ScoringConfig(feature_stats="off", fusion="mean"))
+    added = BankScorer.fit(bank, ScoringConfig(feature_stats="add", feature_stats_eps=1e-3, fusion="mean"))
     assert plain.members == ["layer_11", "layer_12"]
     assert added.members == ["layer_11", "layer_11:stats", "layer_12", "layer_12:stats"]
     x = _queries()
     members = added.score_members(x)
     for layer in DIMS:
         np.testing.assert_allclose(members[layer], plain.score_layers(x)[layer])
-        direct = FeatureStats.fit(layer, {d: bank.get_raw(layer, d) for d in ("source", "target")})[0].score(x[layer])
+        direct = FeatureStats.fit(layer, {d: bank.get_raw(layer, d) for d in ("source", "target")},
+                                  1e-3)[0].score(x[layer])
         np.testing.assert_allclose(members[f"{layer}:stats"], direct)
     np.testing.assert_allclose(added.score(x), np.mean(np.stack(list(members.values())), axis=0))
     loo = added.loo_members()
@@ -74,7 +75,7 @@ def test_standardized_fusion_weighs_each_member_by_its_own_training_scores(featu
                                      for layer in DIMS} for d in ("source", "target")})
     big_scorer = BankScorer.fit(big, ScoringConfig(feature_stats=feature_stats, fusion="standardized",
                                                    normalizer="none"))
-    raw_scorer = BankScorer.fit(big, ScoringConfig(feature_stats=feature_stats, normalizer="none"))
+    raw_scorer = BankScorer.fit(big, ScoringConfig(feature_stats=feature_stats, normalizer="none", fusion="mean"))
     z = big_scorer.score_members(scaled)
     share = abs(np.corrcoef(big_scorer.score(scaled), z["layer_12"])[0, 1])
     raw_share = abs(np.corrcoef(raw_scorer.score(scaled), z["layer_12"])[0, 1])
@@ -104,8 +105,36 @@ def test_enrollment_calibrates_the_threshold_on_the_fused_score_and_bank_json_ke
     assert set(stored) == set(fitted.fusion)
     assert all(stored[m] == pytest.approx(fitted.fusion[m]) for m in stored)
     # another fusion setting: the stored statistics do not apply, they are computed again
-    other = Scorer.fit([loaded], ScoringConfig(feature_stats="add"))
+    other = Scorer.fit([loaded], ScoringConfig(feature_stats="add", fusion="mean"))
     assert other.members[0].fusion == {}
+
+
+def test_the_defaults_add_the_statistics_term_at_floor_1_and_standardize_the_members() -> None:
+    """Chosen on development data (docs/evaluation.md, quality study); `off` and `mean` give the plain kNN mean."""
+    default = ScoringConfig()
+    assert (default.feature_stats, default.feature_stats_eps, default.fusion) == ("add", 1.0, "standardized")
+    scorer = BankScorer.fit(_bank(), default)
+    assert scorer.members == ["layer_11", "layer_11:stats", "layer_12", "layer_12:stats"]
+    assert set(scorer.fusion) == set(scorer.members)
+    assert abs(float(scorer.loo_scores().mean())) < 1e-9
+
+
+def test_a_bank_too_small_for_the_statistics_term_scores_by_its_knn_scores_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(5)
+    tiny = MemoryBank(make_info(DIMS, default=tuple(DIMS)),
+                      {"source": {layer: clustered_points(rng, 2, d) for layer, d in DIMS.items()}})
+    with caplog.at_level("WARNING"):
+        scorer = BankScorer.fit(tiny, ScoringConfig())
+    assert scorer.members == ["layer_11", "layer_12"] and scorer.feature_stats == {}
+    skipped = [r.getMessage() for r in caplog.records if "feature_stats_skipped" in r.getMessage()]
+    assert len(skipped) == 2 and all("finite leave-one-out" in m for m in skipped)
+    assert np.all(np.isfinite(scorer.score(_queries())))
+    plain = BankScorer.fit(tiny, ScoringConfig(feature_stats="off"))
+    np.testing.assert_allclose(scorer.score(_queries()), plain.score(_queries()))
+    # malformed refs are still an error, not a skipped term
+    with pytest.raises(ValueError, match="eps"):
+        FeatureStats.fit("layer_11", {"source": tiny.get_raw("layer_11", "source")}, eps=0.0)
 
 
 def test_unknown_settings_are_refused_naming_the_key() -> None:
@@ -138,8 +167,8 @@ def test_the_statistics_floor_is_a_setting_and_a_stored_term_with_another_floor_
     direct = FeatureStats.fit("layer_12", {d: bank.get_raw("layer_12", d) for d in ("source", "target")}, 1.0)[0]
     assert scorer.feature_stats["layer_12"].eps == 1.0
     np.testing.assert_allclose(scorer.score_members(_queries())["layer_12:stats"], direct.score(_queries()["layer_12"]))
-    # a floor at the typical std lifts the small stds: the term is no longer the one with today's floor
-    narrow = BankScorer.fit(bank, ScoringConfig(feature_stats="add"))
+    # a floor at the typical std lifts the small stds: the term is no longer the one with a floor of 1e-3
+    narrow = BankScorer.fit(bank, ScoringConfig(feature_stats="add", feature_stats_eps=1e-3))
     assert not np.allclose(narrow.score_members(_queries())["layer_12:stats"], direct.score(_queries()["layer_12"]))
     member = MemberModel(bank.info, "model-sha", "m-0123")
     embeddings = [{d: {layer: bank.get_raw(layer, d) for layer in DIMS} for d in ("source", "target")}]

@@ -13,9 +13,10 @@ import pytest
 
 from edge_agent.errors import ConfigError
 from edge_agent.scoring.bank import MemoryBank
-from edge_agent.scoring.config import ScoringConfig
 from edge_agent.scoring.normalizers import measure_ratio_agreement
 from edge_agent.scoring.scorer import BankScorer
+
+from .configs import knn_only
 
 S = [0.0, 1.0, 3.0, 7.0]
 T = [10.0, 12.0]
@@ -38,7 +39,7 @@ def make_bank(info_factory):
 
 
 def scores(bank: MemoryBank, x: list[float], **cfg) -> np.ndarray:
-    return BankScorer.fit(bank, ScoringConfig(**cfg)).score({"layer_1": col(x)})
+    return BankScorer.fit(bank, knn_only(**cfg)).score({"layer_1": col(x)})
 
 
 def test_none(make_bank) -> None:
@@ -58,7 +59,7 @@ def test_none_with_empty_target_is_source_only(make_bank) -> None:
 def test_none_loo_scores(make_bank) -> None:
     # source refs (itself left out): 0 -> min(d_S=1, d_T=10) = 1; 1 -> 1; 3 -> 2; 7 -> min(4, 3) = 3
     # target refs: 10 -> min(d_S=3, d_T=2) = 2; 12 -> min(5, 2) = 2
-    scorer = BankScorer.fit(make_bank(), ScoringConfig(normalizer="none"))
+    scorer = BankScorer.fit(make_bank(), knn_only(normalizer="none"))
     assert scorer.loo_scores().tolist() == [1.0, 1.0, 2.0, 3.0, 2.0, 2.0]
     assert scorer.loo_names() == ["source_00000", "source_00001", "source_00002", "source_00003",
                                   "target_00000", "target_00001"]
@@ -83,7 +84,7 @@ def test_zscore_domain_with_enough_target_refs(make_bank) -> None:
     # T = {10, 12, 13, 17, 20}: LOO 10->2, 12->1, 13->1, 17->3, 20->3: mu_T = 2, sigma_T^2 = 4/5
     # x=16: d_S = 9, d_T = 1 -> min(7, -1) / sqrt(0.8)
     bank = make_bank(target=[10, 12, 13, 17, 20])
-    scorer = BankScorer.fit(bank, ScoringConfig(normalizer="zscore-domain"))
+    scorer = BankScorer.fit(bank, knn_only(normalizer="zscore-domain"))
     state = scorer.state()["layers"]["layer_1"]["stats"]
     assert state["mu_source"] == 2.0 and state["mu_target"] == 2.0
     assert state["sigma"] == pytest.approx(math.sqrt(0.8), rel=1e-12) and state["sigma_from"] == "target"
@@ -95,19 +96,19 @@ def test_zscore_domain_sigma_fallback_with_two_target_refs(make_bank, caplog) ->
     # pooled: std of [1, 1, 2, 4, 2, 2] = 1 ; source: std of [1, 1, 2, 4] = sqrt(1.5)
     # x = 4.5: d_S = 1.5, d_T = 5.5
     with caplog.at_level(logging.WARNING, logger="edge_agent.scoring.normalizers"):
-        pooled = BankScorer.fit(make_bank(), ScoringConfig(normalizer="zscore-domain"))
+        pooled = BankScorer.fit(make_bank(), knn_only(normalizer="zscore-domain"))
     assert "target_refs=2" in caplog.text and "fallback=pooled" in caplog.text
     stats = pooled.state()["layers"]["layer_1"]["stats"]
     assert stats["sigma_target_raw"] == 0.0 and stats["sigma_from"] == "pooled" and stats["sigma"] == 1.0
     assert pooled.score({"layer_1": col([4.5])}).tolist() == [-0.5]
-    source = BankScorer.fit(make_bank(), ScoringConfig(normalizer="zscore-domain", sigma_fallback="source"))
+    source = BankScorer.fit(make_bank(), knn_only(normalizer="zscore-domain", sigma_fallback="source"))
     assert source.score({"layer_1": col([4.5])})[0] == pytest.approx(-0.5 / math.sqrt(1.5), rel=1e-12)
 
 
 def test_zscore_domain_loo_k_is_capped(make_bank) -> None:
     # k_n = 5 on T = {10, 12}: LOO uses the 1 other ref -> mu_T = 2; S LOO with k=3: 0->11/3, 1->3,
     # 3->3, 7->17/3 -> mu_S = 46/12
-    scorer = BankScorer.fit(make_bank(), ScoringConfig(normalizer="zscore-domain", k_n=5))
+    scorer = BankScorer.fit(make_bank(), knn_only(normalizer="zscore-domain", k_n=5))
     stats = scorer.state()["layers"]["layer_1"]["stats"]
     assert stats["mu_target"] == 2.0
     assert stats["mu_source"] == pytest.approx(46 / 12, rel=1e-12)
@@ -115,12 +116,12 @@ def test_zscore_domain_loo_k_is_capped(make_bank) -> None:
 
 def test_zscore_domain_single_target_ref_and_empty_target(make_bank, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="edge_agent.scoring.normalizers"):
-        one = BankScorer.fit(make_bank(target=[10]), ScoringConfig(normalizer="zscore-domain"))
+        one = BankScorer.fit(make_bank(target=[10]), knn_only(normalizer="zscore-domain"))
     assert "target_refs=1" in caplog.text
     stats = one.state()["layers"]["layer_1"]["stats"]
     assert stats["mu_target"] == stats["mu_source"] == 2.0
     # Source only: sigma from the source LOO distances [1, 1, 2, 4] (pooled with nothing).
-    empty = BankScorer.fit(make_bank(target=[]), ScoringConfig(normalizer="zscore-domain"))
+    empty = BankScorer.fit(make_bank(target=[]), knn_only(normalizer="zscore-domain"))
     assert empty.score({"layer_1": col([11])})[0] == pytest.approx((4 - 2) / math.sqrt(1.5), rel=1e-12)
 
 
@@ -151,7 +152,7 @@ def test_ld_domain_loo(make_bank) -> None:
     # K_S = 2, K_T = 1 (b as in test_ld_domain_hand_made).  LOO of source ref 3 (excluding itself):
     # S: |3-0|/2, |3-1|/1.5, |3-7|/5 = 0.8 -> min with T: 7/2, 9/2 -> 0.8
     # LOO of target ref 10: S: 10/2, 9/1.5, 7/2.5, 3/5 = 0.6; T (10 left out): 2/2 = 1 -> 0.6
-    loo = BankScorer.fit(make_bank(), ScoringConfig(k_source=2, k_target=1)).loo_scores()
+    loo = BankScorer.fit(make_bank(), knn_only(k_source=2, k_target=1)).loo_scores()
     assert loo[2] == pytest.approx(0.8, rel=1e-12) and loo[4] == pytest.approx(0.6, rel=1e-12)
 
 
@@ -184,8 +185,8 @@ def test_ld_domain_hnsw_scorer_matches_exact_scorer(info_factory, clustered) -> 
     info = info_factory({"layer_1": 64})
     src, tgt, q = clustered(rng, 2500, 64), clustered(rng, 12, 64), clustered(rng, 150, 64)
     bank = MemoryBank(info, {"source": {"layer_1": src}, "target": {"layer_1": tgt}})
-    exact = BankScorer.fit(bank, ScoringConfig(exact_below=10**9))
-    hnsw = BankScorer.fit(bank, ScoringConfig(exact_below=1000))
+    exact = BankScorer.fit(bank, knn_only(exact_below=10**9))
+    hnsw = BankScorer.fit(bank, knn_only(exact_below=1000))
     assert hnsw.state()["layers"]["layer_1"]["search"] == {"source": "hnsw", "target": "exact"}
     a, b = exact.score({"layer_1": q}), hnsw.score({"layer_1": q})
     assert np.mean(np.isclose(a, b, rtol=1e-9)) >= 0.98
@@ -197,8 +198,8 @@ def test_ld_domain_loo_through_hnsw_matches_exact(info_factory, clustered) -> No
     info = info_factory({"layer_1": 32})
     bank = MemoryBank(info, {"source": {"layer_1": clustered(rng, 1500, 32)},
                              "target": {"layer_1": clustered(rng, 10, 32)}}).with_memmixup()
-    exact = BankScorer.fit(bank, ScoringConfig(exact_below=10**9)).loo_scores()
-    hnsw = BankScorer.fit(bank, ScoringConfig(exact_below=100, candidates=32)).loo_scores()
+    exact = BankScorer.fit(bank, knn_only(exact_below=10**9)).loo_scores()
+    hnsw = BankScorer.fit(bank, knn_only(exact_below=100, candidates=32)).loo_scores()
     assert exact.shape == hnsw.shape == (1510,)
     assert np.mean(np.isclose(exact, hnsw, rtol=1e-9)) >= 0.98
 
@@ -209,7 +210,7 @@ def test_query_on_a_ref_far_from_the_origin_scores_exactly_zero(info_factory, no
     rng = np.random.default_rng(8)
     refs = (1.0e5 + rng.normal(size=(50, 64))).astype(np.float32)
     bank = MemoryBank(info_factory({"layer_1": 64}), {"source": {"layer_1": refs}})
-    got = BankScorer.fit(bank, ScoringConfig(normalizer=normalizer)).score({"layer_1": refs[:5]})
+    got = BankScorer.fit(bank, knn_only(normalizer=normalizer)).score({"layer_1": refs[:5]})
     assert got.tolist() == [0.0] * 5
 
 

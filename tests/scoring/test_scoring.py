@@ -8,6 +8,8 @@ from edge_agent.scoring.bank import MemoryBank
 from edge_agent.scoring.config import ScoringConfig
 from edge_agent.scoring.scorer import BankScorer, Scorer
 
+from .configs import knn_only
+
 
 @pytest.fixture
 def info(info_factory):
@@ -36,7 +38,7 @@ def test_config_validation_names_field_and_value(field: str, value) -> None:
 
 
 def test_config_dict_round_trip_and_unknown_key() -> None:
-    cfg = ScoringConfig(normalizer="ld", layers=("layer_8",), candidates=32)
+    cfg = knn_only(normalizer="ld", layers=("layer_8",), candidates=32)
     assert ScoringConfig.from_dict(cfg.to_dict()) == cfg
     assert ScoringConfig.from_dict({"layers": ["a", "b"]}).layers == ("a", "b")
     with pytest.raises(ConfigError, match=r"scoring\.kn: unknown key"):
@@ -47,27 +49,27 @@ def test_config_dict_round_trip_and_unknown_key() -> None:
 
 
 def test_default_layers_and_named_layers(bank: MemoryBank) -> None:
-    cfg = ScoringConfig(normalizer="none")
+    cfg = knn_only(normalizer="none")
     assert BankScorer.fit(bank, cfg).layers == ("layer_8",)
-    both = BankScorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_4", "layer_8")))
+    both = BankScorer.fit(bank, knn_only(normalizer="none", layers=("layer_4", "layer_8")))
     # layer_8 holds S = {0, 2, 6, 14}, T = {20, 24}
     # x: layer_4 = 5 -> min(2, 5) = 2 ; layer_8 = 20 -> min(6, 0) = 0 ; mean = 1
     emb = {"layer_4": np.array([[5.0]]), "layer_8": np.array([[20.0]])}
     assert both.score_layers(emb) == {"layer_4": [2.0], "layer_8": [0.0]}
     assert both.score(emb).tolist() == [1.0]
     with pytest.raises(ConfigError, match=r"scoring\.layers: not in the bank"):
-        BankScorer.fit(bank, ScoringConfig(layers=("layer_9",)))
+        BankScorer.fit(bank, knn_only(layers=("layer_9",)))
 
 
 def test_default_layers_missing_from_bank(info_factory) -> None:
     info = info_factory({"layer_4": 1, "layer_8": 1}, default=("layer_8",))
     only4 = MemoryBank(info, {"source": {"layer_4": np.array([[0.0], [1.0]])}})
     with pytest.raises(ConfigError, match="none of the model's default layers"):
-        BankScorer.fit(only4, ScoringConfig())
+        BankScorer.fit(only4, knn_only())
 
 
 def test_score_checks_embeddings(bank: MemoryBank) -> None:
-    scorer = BankScorer.fit(bank, ScoringConfig())
+    scorer = BankScorer.fit(bank, knn_only())
     with pytest.raises(ConfigError, match="lack layer 'layer_8'"):
         scorer.score({"layer_4": np.zeros((1, 1))})
     with pytest.raises(ModelMismatchError, match=r"layer_8: embeddings of shape \[1, 3\]"):
@@ -75,8 +77,8 @@ def test_score_checks_embeddings(bank: MemoryBank) -> None:
 
 
 def test_ensemble_is_the_mean_of_scorers(bank: MemoryBank) -> None:
-    a = BankScorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_4",)))
-    b = BankScorer.fit(bank, ScoringConfig(normalizer="none", layers=("layer_8",)))
+    a = BankScorer.fit(bank, knn_only(normalizer="none", layers=("layer_4",)))
+    b = BankScorer.fit(bank, knn_only(normalizer="none", layers=("layer_8",)))
     ens = Scorer([a, b])
     emb = {"layer_4": np.array([[5.0], [11.0]]), "layer_8": np.array([[20.0], [22.0]])}
     # a (layer_4): 5 -> 2, 11 -> 1; b (layer_8): 20 -> 0, 22 -> min(8, 2) = 2
@@ -89,14 +91,14 @@ def test_ensemble_is_the_mean_of_scorers(bank: MemoryBank) -> None:
 def test_ensemble_loo_needs_the_same_refs(bank: MemoryBank, info) -> None:
     other = MemoryBank(info, {"source": {"layer_4": np.arange(3.0)[:, None], "layer_8": np.zeros((3, 1))}})
     with pytest.raises(BankError, match="same clips"):
-        Scorer([BankScorer.fit(bank, ScoringConfig(normalizer="none")),
-                        BankScorer.fit(other, ScoringConfig(normalizer="none"))]).loo_scores()
+        Scorer([BankScorer.fit(bank, knn_only(normalizer="none")),
+                        BankScorer.fit(other, knn_only(normalizer="none"))]).loo_scores()
 
 
 def test_state_is_json(bank: MemoryBank) -> None:
     import json
 
     for name in ("none", "zscore-test", "zscore-domain", "ld", "ld-domain"):
-        state = BankScorer.fit(bank, ScoringConfig(normalizer=name)).state()
+        state = BankScorer.fit(bank, knn_only(normalizer=name)).state()
         assert json.loads(json.dumps(state, allow_nan=False)) == state
         assert state["config"]["normalizer"] == name and state["bank_fingerprint"] == bank.fingerprint()
