@@ -111,6 +111,9 @@ class ScoringConfig:
                 if key not in known:
                     raise ConfigError(f"{SECTION}.{key}", f"unknown key; known: {', '.join(sorted(known))}")
             values = dict(data)
+            # YAML 1.1 reads an unquoted `feature_stats: off` (or on, no, yes) as a boolean
+            if isinstance(values.get("feature_stats"), bool):
+                values["feature_stats"] = "add" if values["feature_stats"] else "off"
             for key in ("layers", "feature_stats_layers"):
                 if isinstance(values.get(key), list):
                     values[key] = tuple(values[key])

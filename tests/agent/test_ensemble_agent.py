@@ -130,7 +130,8 @@ def test_agent_with_two_models_scores_the_mean_and_alerts_to_jsonl(tmp_path: Pat
     embs = model_set.embed(model_set.prepare(windows))
     scorers = [BankScorer.fit(b, ScoringConfig()) for b in ensemble.banks]
     members = [s.score(e) for s, e in zip(scorers, embs, strict=True)]
-    np.testing.assert_allclose([s["score"] for s in scores], np.mean(members, axis=0), rtol=1e-5, atol=1e-6)
+    # standardized members: z-units, where float32 embeddings of a window give differences ~1e-5 near 0
+    np.testing.assert_allclose([s["score"] for s in scores], np.mean(members, axis=0), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(Scorer(scorers).score(embs), np.mean(members, axis=0))
     assert not np.allclose(members[0], members[1])
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from edge_agent.errors import ConfigError
 from edge_agent.model_info import MemberModel
@@ -142,6 +143,16 @@ def test_unknown_settings_are_refused_naming_the_key() -> None:
         ScoringConfig(feature_stats="maybe")
     with pytest.raises(ConfigError, match=r"scoring\.fusion"):
         ScoringConfig.from_dict({"fusion": "max"})
+    with pytest.raises(ConfigError, match=r"scoring\.feature_stats"):
+        ScoringConfig.from_dict({"feature_stats": 0})
+
+
+def test_an_unquoted_yaml_off_or_on_turns_the_statistics_term_off_or_on() -> None:
+    """YAML 1.1 reads `feature_stats: off` as false: the documented spelling must work unquoted."""
+    assert ScoringConfig.from_dict(yaml.safe_load("feature_stats: off")).feature_stats == "off"
+    assert ScoringConfig.from_dict(yaml.safe_load("feature_stats: no")).feature_stats == "off"
+    assert ScoringConfig.from_dict(yaml.safe_load("feature_stats: on")).feature_stats == "add"
+    assert ScoringConfig.from_dict({"feature_stats": "off"}).feature_stats == "off"
 
 
 def test_a_bank_whose_target_is_a_single_ref_still_gets_its_statistics_term() -> None:
