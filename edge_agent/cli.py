@@ -148,6 +148,18 @@ def _scoring_arguments(parser: argparse.ArgumentParser, stored_default: bool = F
     parser.add_argument("--layers", default=None,
                         help="comma-separated layers (default: the model's default layers)")
     parser.add_argument("--k-n", type=int, default=None, help="kNN: mean distance to the K_n nearest refs")
+    defaults = ScoringConfig()
+    default_of = {name: "the bank's" if stored_default else getattr(defaults, name)
+                  for name in ("feature_stats", "feature_stats_eps", "fusion")}
+    parser.add_argument("--feature-stats", choices=FEATURE_STATS, default=None,
+                        help="add each layer's feature-statistics term beside its kNN score, or off "
+                             f"(default: {default_of['feature_stats']})")
+    parser.add_argument("--feature-stats-eps", type=float, default=None, metavar="EPS",
+                        help="the statistics term's std floor, as a share of the layer's typical within-domain std "
+                             f"(default: {default_of['feature_stats_eps']})")
+    parser.add_argument("--fusion", choices=FUSIONS, default=None,
+                        help="combine the members raw (mean) or standardized by their leave-one-out training "
+                             f"scores (default: {default_of['fusion']})")
 
 
 def _models(args: argparse.Namespace) -> ModelSet:
@@ -163,6 +175,9 @@ def _scoring_config(args: argparse.Namespace, stored: dict[str, Any] | None = No
         values["layers"] = [x.strip() for x in args.layers.split(",") if x.strip()]
     if args.k_n is not None:
         values["k_n"] = args.k_n
+    for name in ("feature_stats", "feature_stats_eps", "fusion"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
     return ScoringConfig.from_dict(values)
 
 

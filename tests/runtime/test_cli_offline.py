@@ -63,6 +63,35 @@ def test_enroll_info_score(demo: Path, mn04_random_onnx: Path, tmp_path: Path,
     assert expected != pytest.approx(summary["threshold"], rel=1e-2)
 
 
+def test_enroll_and_score_take_the_statistics_term_and_fusion_options(demo: Path, mn04_random_onnx: Path,
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    bank, train = tmp_path / "plain", demo / "ds" / "fan" / "train"
+    assert main(["enroll", "--model", str(mn04_random_onnx), "--bank", str(bank), "--train", str(train),
+                 "--feature-stats", "off", "--fusion", "mean", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(bank)]) == 0
+    scoring = json.loads(capsys.readouterr().out)["scoring"]
+    assert (scoring["feature_stats"], scoring["fusion"]) == ("off", "mean")
+    banks = load_banks(bank, [Encoder(mn04_random_onnx).member])
+    plain = Scorer.fit(banks.banks, ScoringConfig(feature_stats="off", fusion="mean"))
+    assert banks.threshold["value"] == pytest.approx(calibrate(plain.loo_scores())["value"])
+    # score: the bank's settings unless told otherwise; told otherwise, the threshold follows
+    assert main(["score", "--model", str(mn04_random_onnx), "--bank", str(bank), str(demo / "rec.wav")]) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert rows and all(r["threshold"] == pytest.approx(banks.threshold["value"], rel=1e-5) for r in rows)
+    assert main(["score", "--model", str(mn04_random_onnx), "--bank", str(bank), "--feature-stats", "add",
+                 "--feature-stats-eps", "0.5", "--fusion", "standardized", str(demo / "rec.wav")]) == 0
+    fused = Scorer.fit(banks.banks, ScoringConfig(feature_stats="add", feature_stats_eps=0.5, fusion="standardized"))
+    rows = _json_lines(capsys.readouterr().out)
+    assert rows and all(r["threshold"] == pytest.approx(calibrate(fused.loo_scores())["value"], rel=1e-5)
+                        for r in rows)
+    assert main(["score", "--model", str(mn04_random_onnx), "--bank", str(bank), "--feature-stats-eps", "nan",
+                 str(demo / "rec.wav")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["edge-agent: error: scoring.feature_stats_eps: must be a number > 0 and <= 10 (got nan)"]
+
+
 def test_enroll_from_source_and_target_paths_with_memmixup(demo: Path, mn04_random_onnx: Path,
                                                            tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
