@@ -32,7 +32,7 @@ from edge_agent.fsutil import (
 from edge_agent.model_info import MemberModel, ModelInfo, ensemble_id
 from edge_agent.scoring.bank import BANK_JSON, DOMAINS, MemoryBank
 from edge_agent.scoring.config import ScoringConfig
-from edge_agent.scoring.scorer import BankScorer
+from edge_agent.scoring.scorer import BankScorer, stored_state_current
 
 ENSEMBLE_JSON = "ensemble.json"
 FORMAT_VERSION = 1
@@ -91,6 +91,8 @@ class BankSet:
             then = (bank.scorer_state or {}).get("layers")
             if isinstance(then, dict) and sorted(then) != sorted(used):
                 differ.append(f"layers {','.join(sorted(then))} -> {','.join(sorted(used))}")
+            if bank.scorer_state and not stored_state_current(bank.scorer_state, bank):
+                differ.append(f"statistics of scorer state version {bank.scorer_state.get('version')!r}")
         return "; ".join(differ) or None
 
     def content_hash(self) -> str:

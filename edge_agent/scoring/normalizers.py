@@ -62,6 +62,30 @@ class LayerBank:
         out[groups[order], column] = order
         return out
 
+    def target_group_exclude(self) -> np.ndarray:
+        """[n_target, E]: for each target row, every row of its group (its raw ref and that ref's MemMixup rows).
+
+        A row's leave-one-out distance is measured outside its group: a raw ref's own mixes lie a tenth of
+        the way to it."""
+        return self.target_loo_exclude()[np.asarray(self.target_groups, dtype=np.int64)]
+
+    @property
+    def mixed(self) -> bool:
+        return self.n_target > self.n_target_raw
+
+    def raw_target(self) -> KnnIndex | None:
+        """The raw target refs alone (the bank's target index when it holds no MemMixup rows).
+
+        Local densities are measured on them: the mixes add points to the memory, not to the density, which
+        with five mixes per ref would otherwise shrink to the distance between a ref and its own mixes."""
+        if self.target is None or not self.mixed:
+            return self.target
+        return ExactIndex(self.target.refs[: self.n_target_raw], self.target.metric)
+
+    def per_target_row(self, values: np.ndarray) -> np.ndarray:
+        """A value per raw target ref -> a value per target row (a MemMixup row takes its raw ref's)."""
+        return np.asarray(values)[np.asarray(self.target_groups, dtype=np.int64)]
+
 
 @dataclass
 class Features:
@@ -225,12 +249,12 @@ class ZScoreDomain(_KnnFeatures):
         if b.n_source < 2:
             raise BankError(f"layer {b.layer}: zscore-domain needs at least 2 source refs, got {b.n_source}")
         loo_s = knn_mean(b.source, b.source.refs, k, np.arange(b.n_source)[:, None])
-        loo_t = (knn_mean(b.target, b.target.refs, k, np.arange(b.n_target)[:, None])
-                 if b.target is not None and b.n_target >= 2 else np.zeros(0))
+        loo_t = (knn_mean(b.target, b.target.refs, k, b.target_group_exclude())
+                 if b.target is not None and b.n_target_raw >= 2 else np.zeros(0))
         self.mu_source = float(loo_s.mean())
-        if b.n_target >= 2:
+        if b.n_target_raw >= 2:
             self.mu_target: float | None = float(loo_t.mean())
-        elif b.n_target == 1:
+        elif b.n_target >= 1:
             self.mu_target = self.mu_source
             log.warning("zscore_mu_target_from_source", layer=b.layer, target_refs=1,
                         cause="one target ref has no leave-one-out distance")
@@ -238,7 +262,8 @@ class ZScoreDomain(_KnnFeatures):
             self.mu_target = None
         sigma_t = float(loo_t.std()) if loo_t.size >= 2 else 0.0
         self.sigma_target_raw = sigma_t
-        if b.n_target >= self.cfg.sigma_min_target and sigma_t > _TINY * max(1.0, abs(self.mu_target or 0.0)):
+        # raw refs count: MemMixup rows are not independent draws of the target domain
+        if b.n_target_raw >= self.cfg.sigma_min_target and sigma_t > _TINY * max(1.0, abs(self.mu_target or 0.0)):
             self.sigma, self.sigma_from = sigma_t, "target"
         else:
             how = self.cfg.sigma_fallback
@@ -325,10 +350,12 @@ class LocalDensity(_LocalDensity):
 
     def _local_density(self) -> tuple[np.ndarray, np.ndarray]:
         b = self.bank
-        k = cap_k(self.cfg.ld_k, b.n_source + b.n_target, leave_one_out=True)
+        raw_target = b.raw_target()
+        k = cap_k(self.cfg.ld_k, b.n_source + b.n_target_raw, leave_one_out=True)
         self.k_effective = k
-        return (self._b_over_r(b.source, b.target, k),
-                self._b_over_r(b.target, b.source, k) if b.target is not None else np.zeros(0))
+        return (self._b_over_r(b.source, raw_target, k),
+                b.per_target_row(self._b_over_r(raw_target, b.source, k)) if raw_target is not None
+                else np.zeros(0))
 
     def _b_over_r(self, own: KnnIndex, other: KnnIndex | None, k: int) -> np.ndarray:
         d_own, _ = own.query_loo(k)
@@ -340,7 +367,8 @@ class LocalDensity(_LocalDensity):
 
 
 class LocalDensityDomain(_LocalDensity):
-    """`ld-domain`: b within each bank, K_S = k_source, K_T = k_target (capped at size - 1)."""
+    """`ld-domain`: b within each bank, K_S = k_source, K_T = k_target (capped at size - 1; target: among its
+    raw refs, a MemMixup row taking its raw ref's b)."""
 
     name = "ld-domain"
 
@@ -349,14 +377,17 @@ class LocalDensityDomain(_LocalDensity):
         if b.n_source < 2:
             raise BankError(f"layer {b.layer}: ld-domain needs at least 2 source refs, got {b.n_source}")
         b_s = _reduce(b.source.query_loo(cap_k(self.cfg.k_source, b.n_source, True))[0], how)
-        if b.target is None:
+        raw = b.raw_target()
+        if b.target is None or raw is None:
             return b_s, np.zeros(0)
-        if b.n_target == 1:
-            # One target ref has no neighbour in its own bank: measure its density against the source.
+        if b.n_target_raw <= 1:
+            # One target ref (and its MemMixup rows) has no neighbour in its own bank: measure its density
+            # against the source.
             log.warning("local_density_from_source", layer=b.layer, target_refs=1,
                         source_neighbours=cap_k(self.cfg.k_target, b.n_source))
             return b_s, _reduce(b.source.query(b.target.refs, self.cfg.k_target)[0], how)
-        return b_s, _reduce(b.target.query_loo(cap_k(self.cfg.k_target, b.n_target, True))[0], how)
+        b_raw = _reduce(raw.query_loo(cap_k(self.cfg.k_target, b.n_target_raw, True))[0], how)
+        return b_s, b.per_target_row(b_raw)
 
 
 _CLASSES: dict[str, type[Normalizer]] = {

@@ -28,7 +28,9 @@ from edge_agent.scoring.normalizers import LayerBank, Normalizer, make_normalize
 
 log = get_logger(__name__)
 
-STATE_VERSION = 1
+# 2: a MemMixup bank's target densities and leave-one-out statistics are measured without the mixes (version 1
+# states of unmixed banks hold the same numbers and stay usable).
+STATE_VERSION = 2
 
 
 class BankScorer:
@@ -188,13 +190,19 @@ def _choose_layers(bank: MemoryBank, cfg: ScoringConfig) -> tuple[str, ...]:
     return layers
 
 
+def stored_state_current(state: dict[str, Any], bank: MemoryBank) -> bool:
+    """Whether a stored scorer state was computed the way this release computes it."""
+    version = state.get("version")
+    return version == STATE_VERSION or (version == 1 and bank.mixup is None)
+
+
 def _usable_state(bank: MemoryBank, cfg: ScoringConfig) -> dict[str, Any] | None:
     state = bank.scorer_state
     if not state:
         return None
     try:
         stored_cfg = ScoringConfig.from_dict(state["config"])
-        same = (state.get("version") == STATE_VERSION and state["bank_fingerprint"] == bank.fingerprint()
+        same = (stored_state_current(state, bank) and state["bank_fingerprint"] == bank.fingerprint()
                 and stored_cfg.statistics_key() == cfg.statistics_key() and isinstance(state["layers"], dict))
     except (KeyError, TypeError, ConfigError):
         same = False
