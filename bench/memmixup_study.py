@@ -1,12 +1,14 @@
 """MemMixup beside each normalizer: the official score and AUC_target per machine type, with and without the mixes.
 
-    .venv/bin/python bench/memmixup_study.py [--seeds 0,1,2,3] [--json-dir bench/results]
+    .venv/bin/python bench/memmixup_study.py [--seeds 0,1,2,3] [--grid] [--json-dir bench/results]
 
 Synthetic sets of all four machine types (30 source + 10 target training clips, 10 test clips per class, as the
 quality study), the real mn04 (every block exported), each set embedded once. Blocks 11+12 with the kNN scores
 alone (no statistics term, raw mean: what the normalizers do) under each normalizer, then the scoring defaults;
 each without MemMixup and with it (lam 0.9, k 5, the agent's `enroll.memmixup` settings) on every section's
-target bank.
+target bank. `--grid`: the scoring defaults only, with MemMixup at k in 1, 5, 15, 30 (30: every source ref of a
+section, as the GenRep code's best setting mixes with all) and lam in 0.9, 0.8, 0.7
+(memmixup_grid.json).
 """
 
 from __future__ import annotations
@@ -41,23 +43,33 @@ def configs() -> dict[str, ScoringConfig]:
     return out
 
 
-def score(embeddings: DatasetEmbeddings) -> dict[str, dict[str, dict[str, float]]]:
+GRID = tuple(MixupSpec(lam, k) for k in (1, 5, 15, 30) for lam in (0.9, 0.8, 0.7))
+
+
+def runs(grid: bool) -> list[tuple[str, ScoringConfig, MixupSpec | None]]:
+    if grid:
+        return [(f"the defaults, MemMixup {f'k {m.k} lam {m.lam:g}' if m else 'off'}", ScoringConfig(
+            layers=("layer_6", *BLOCKS)), m) for m in (None, *GRID)]
+    return [(f"{name}, MemMixup {'on' if mixup else 'off'}", cfg, mixup)
+            for name, cfg in configs().items() for mixup in (None, MIXUP)]
+
+
+def score(embeddings: DatasetEmbeddings, grid: bool) -> dict[str, dict[str, dict[str, float]]]:
     """{config + mixup: {machine: {official, auc_target}}}"""
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for name, cfg in configs().items():
-        for mixup in (None, MIXUP):
-            result = score_embeddings(embeddings, cfg, mixup)
-            key = f"{name}, MemMixup {'on' if mixup else 'off'}"
-            table[key] = {}
-            for machine in result.machine_names():
-                summary = summarize([s.metrics for s in result.machine_sections(machine)])
-                table[key][machine] = {"official": summary.official, "auc_target": summary.auc_target}
+    for key, cfg, mixup in runs(grid):
+        result = score_embeddings(embeddings, cfg, mixup)
+        table[key] = {}
+        for machine in result.machine_names():
+            summary = summarize([s.metrics for s in result.machine_sections(machine)])
+            table[key][machine] = {"official": summary.official, "auc_target": summary.auc_target}
     return table
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument("--grid", action="store_true", help="the defaults at several MemMixup k and lam")
     parser.add_argument("--json-dir", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -76,7 +88,7 @@ def main() -> int:
             root = Path(tmp_name) / f"synthetic-{seed}"
             synthesize_dataset(root, machines=list(MACHINE_TYPES), n_train_source=30, n_train_target=10,
                                n_test_per_class=10, seed=seed)
-            per_seed.append(score(embed_dataset([model], scan_dataset(root), progress=sys.stderr.isatty())))
+            per_seed.append(score(embed_dataset([model], scan_dataset(root), progress=sys.stderr.isatty()), args.grid))
     machines = list(MACHINE_TYPES)
     table = {key: {m: {v: float(np.mean([t[key][m][v] for t in per_seed])) for v in ("official", "auc_target")}
                    for m in machines} for key in per_seed[0]}
@@ -85,7 +97,7 @@ def main() -> int:
              f"{np.mean([table[key][m]['official'] for m in machines]):.3f}"] for key in table]
     print(benchlib.table(["configuration", *machines, "mean official"], rows))
     raw: dict[str, Any] = {"machine": info, "seeds": seeds, "mixup": MIXUP.as_dict(), "table": table}
-    benchlib.write_json("memmixup_study", raw, args.json_dir)
+    benchlib.write_json("memmixup_grid" if args.grid else "memmixup_study", raw, args.json_dir)
     return 0
 
 
