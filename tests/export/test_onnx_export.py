@@ -81,9 +81,9 @@ def test_export_is_deterministic_and_computes_only_needed_blocks(tmp_path: Path)
     assert first.info.layers == ("layer_3", "layer_2") and first.info.dims == (512, 512)
     assert first.info.default_layers == ("layer_3", "layer_2")  # family defaults not exported
     convs = sum(node.op_type == "Conv" for node in onnx.load(str(first.path)).graph.node)
-    # stem + blocks 1..3 (2 + 3 + 3 convs; the front-end's split DFT is MatMuls); block 4 and beyond must not
-    # be in the graph
-    assert convs == 1 + 2 + 3 + 3
+    # the front-end's split DFT (stage 1, one grouped conv) + stem + blocks 1..3 (2 + 3 + 3 convs); block 4 and
+    # beyond must not be in the graph
+    assert convs == 1 + 1 + 2 + 3 + 3
 
 
 def test_failed_verification_leaves_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,15 +133,29 @@ def test_option_errors(tmp_path: Path, mn04_checkpoint: Path) -> None:
     assert not list(tmp_path.glob("*.onnx"))
 
 
+def _front_end_convs(proto: onnx.ModelProto) -> list[tuple[int, list[int], list[int]]]:
+    """(group, kernel_shape, strides) of each Conv of the front-end."""
+    out = []
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.name.startswith("/frontend/"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            out.append((int(attrs.get("group", 1)), list(attrs.get("kernel_shape", [])),
+                        list(attrs.get("strides", []))))
+    return out
+
+
 def test_real_mn04_default_front_end_is_the_split_dft_and_conv_stays_available(
         mn04_real_export: ExportResult, mn04_checkpoint: Path, tmp_path: Path) -> None:
     proto = onnx.load(str(mn04_real_export.path))
     front_ops = {n.op_type for n in proto.graph.node if n.name.startswith("/frontend/")}
-    assert "Conv" not in front_ops and "MatMul" in front_ops  # no strided DFT convolution
+    assert "MatMul" in front_ops and not {"STFT", "DFT"} & front_ops
+    # the split's stage 1: one grouped conv, a group per row sample b, 25 taps (the window's rows), stride 10
+    assert _front_end_convs(proto) == [(32, [25], [10])]
     assert mn04_real_export.info.extra["frontend_stft"] == "fft"
     conv = export_model("mn04", tmp_path, checkpoint=mn04_checkpoint, layers=["layer_12"], stft="conv")
     assert conv.info.extra["frontend_stft"] == "conv" and conv.max_rel_error is not None
-    assert "Conv" in {n.op_type for n in onnx.load(str(conv.path)).graph.node if n.name.startswith("/frontend/")}
+    # the direct DFT: one convolution over the whole 800-sample window, hop 320
+    assert _front_end_convs(onnx.load(str(conv.path))) == [(1, [800], [320])]
     # the two front-ends give the same embedding within the export tolerance
     audio = _audio(2, seed=9)
     split = dict(zip(mn04_real_export.info.layers, _session(mn04_real_export.path).run(None, {"waveform": audio}),
