@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from edge_agent.model.encoder import Encoder
+from export import EXPORTER_VERSION
 
 from .toy_model import WINDOW, toy_info, write_toy_model
 
@@ -34,10 +35,10 @@ def gpu() -> ModuleType:
 
 @pytest.fixture
 def toy_models(tmp_path: Path) -> Path:
-    """<dir>/<precision>/toy.onnx as benchlib.model_path finds them (no export)."""
+    """<dir>/<precision>/toy.onnx as benchlib.model_path finds them (no export: this exporter version wrote them)."""
     for precision in ("fp32", "fp16"):
         (tmp_path / precision).mkdir()
-        write_toy_model(tmp_path / precision / "toy.onnx", toy_info())
+        write_toy_model(tmp_path / precision / "toy.onnx", toy_info(exporter_version=EXPORTER_VERSION))
     return tmp_path
 
 
