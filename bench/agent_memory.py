@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +96,11 @@ def main() -> None:
     args = parser.parse_args()
     info = benchlib.machine()
     print(f"machine: {benchlib.machine_line(info)}\n", flush=True)
+    # Exports run in a child: on Linux a child's ru_maxrss starts from what it shares with this process when it is
+    # forked, so this process must never hold torch and an exported model while it measures the agent.
+    members = sorted({member for name in args.models.split(",") if name for member in name.split("+")})
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"import benchlib; [benchlib.model_path(m) for m in {members!r}]"], check=True)
     results: dict[str, Any] = {"machine": info, "demo_seconds": args.demo_seconds, "models": {},
                                "import_only_rss_mb": import_rss_mb()}
     with tempfile.TemporaryDirectory() as tmp_name:
