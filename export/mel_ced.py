@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from export.split_dft import split_matrices, split_power
+from export.split_dft import rows_from_bins, split_matrices, split_power
 
 SAMPLE_RATE = 16000
 N_FFT = 512
@@ -120,7 +120,9 @@ class MelCED(nn.Module):
             stage1, stage2 = split_matrices(periodic_hann(), N_FFT, ROW, self.bins)
             self.register_buffer("stage1", torch.from_numpy(stage1).float(), persistent=False)
             self.register_buffer("stage2", torch.from_numpy(stage2).float(), persistent=False)
-            self.register_buffer("mel_banks", torch.from_numpy(htk_mel_banks().T.copy()).float())  # [64, bins]
+            # [64, the split's power rows]: the filters re-indexed to the order the split computes the bins in
+            mel_rows = rows_from_bins(htk_mel_banks().T, N_FFT, ROW, self.bins)
+            self.register_buffer("mel_banks", torch.from_numpy(mel_rows).float())
         self.register_buffer("bn_scale", torch.ones(N_MELS, 1))
         self.register_buffer("bn_shift", torch.zeros(N_MELS, 1))
 
@@ -139,7 +141,7 @@ class MelCED(nn.Module):
             mel = torch.matmul(real * real + imag * imag, self.mel_banks).transpose(1, 2)  # [B, 64, T]
         else:
             padded = functional.pad(waveform.unsqueeze(1), (N_FFT // 2, N_FFT // 2), mode="reflect")[:, 0]
-            power = split_power(padded, self.stage1, self.stage2, N_FFT, HOP_LENGTH)[:, : self.bins]
+            power = split_power(padded, self.stage1, self.stage2, N_FFT, HOP_LENGTH)
             mel = torch.matmul(self.mel_banks, power)  # [B, 64, T]
         db = 10.0 * torch.log10(mel.clamp_min(AMIN))
         floor = db.amax(dim=(1, 2), keepdim=True) - TOP_DB

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from export.split_dft import split_matrices, split_power
+from export.split_dft import rows_from_bins, split_matrices, split_power
 
 SAMPLE_RATE = 32000
 N_FFT = 1024
@@ -104,7 +104,8 @@ def fft_split_matrices(window: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.
 
 
 def mel_bands(mel: np.ndarray, size: int = MEL_BAND) -> list[tuple[int, int, int]]:
-    """(first filter, first bin, end bin) of each band of `size` filters: the bins its filters touch."""
+    """(first filter, first column, end column) of each band of `size` filters: the columns (spectrum rows) its
+    filters touch."""
     bands = []
     for first in range(0, mel.shape[0], size):
         touched = np.flatnonzero(mel[first:first + size].any(axis=0))
@@ -141,11 +142,10 @@ class MelEfficientAT(nn.Module):
             self.register_buffer("dft_bases", torch.from_numpy(bases[:, None, :]).float(), persistent=False)
             self.register_buffer("mel_banks", torch.from_numpy(mel[:, first:last]).float(), persistent=False)
             return
-        # The split computes bins 0 .. K1 K2 - 1 (the phase of the window's offset drops out of |X|^2).
+        # The split computes bins 0 .. K1 K2 - 1 (the phase of the window's offset drops out of |X|^2), in the
+        # order of its rows: the filters are re-indexed to those rows instead of the spectrum to bins.
         stage1, stage2 = fft_split_matrices(window, last)
-        self.k2_count = stage2.shape[0] // 2
-        computed = np.zeros((mel.shape[0], self.k2_count * (N_FFT // ROW)))
-        computed[:, :last] = mel[:, :last]
+        computed = rows_from_bins(mel[:, :last], N_FFT, ROW, last)
         self.bands = mel_bands(computed)
         self.register_buffer("stage1", torch.from_numpy(stage1).float(), persistent=False)
         self.register_buffer("stage2", torch.from_numpy(stage2).float(), persistent=False)
@@ -169,5 +169,6 @@ class MelEfficientAT(nn.Module):
         return (torch.log(mel + LOG_OFFSET) + NORM_SHIFT) / NORM_SCALE
 
     def _fft_power(self, trimmed: torch.Tensor) -> torch.Tensor:
-        """trimmed [B, L] (frame t = samples 320 t .. 320 t + 799) -> |X|^2 [B, 480 bins, T]."""
+        """trimmed [B, L] (frame t = samples 320 t .. 320 t + 799) -> |X|^2 [B, 510 rows, T]: bins 0..479 in the
+        split's row order (export/split_dft.py power_row_bins)."""
         return split_power(trimmed, self.stage1, self.stage2, WIN_LENGTH, HOP_LENGTH)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from export import mel_efficientat as mel
+from export import split_dft
 
 SR = 32000
 
@@ -150,22 +151,30 @@ def test_power_spectrum_equals_official_torch_stft_call() -> None:
     reference = expected[first : first + bins]
     assert power.shape == reference.shape
     assert float((power - reference).abs().max() / reference.abs().max()) < 1e-5
-    # the split computes bins 0 .. 479 (every bin a mel filter touches, and bin 0)
-    assert split.shape == (480, expected.shape[1])
-    assert float((split - expected[:480]).abs().max() / expected[:480].abs().max()) < 1e-5
+    # the split computes bins 0 .. 479 (every bin a mel filter touches, and bin 0), in its row order
+    row_bins = split_dft.power_row_bins(1024, 32, 480)
+    held = torch.from_numpy(np.flatnonzero(row_bins >= 0))
+    assert split.shape == (510, expected.shape[1])
+    by_bin = expected[torch.from_numpy(row_bins)[held]]
+    assert float((split[held] - by_bin).abs().max() / by_bin.abs().max()) < 1e-5
 
 
 def test_split_matrices_are_the_dft_in_float64() -> None:
-    """In float64 the two stages are the 1024-point DFT of the windowed frame (bins 0..479) to rounding."""
+    """In float64 the two stages are the 1024-point DFT of the windowed frame (bins 0..479) to rounding, every bin
+    held by exactly one row."""
     rng = np.random.default_rng(3)
     frame = rng.standard_normal(800)
     window = mel.symmetric_hann(800)
     stage1, stage2 = mel.fft_split_matrices(window, 480)
+    assert stage1.shape == (32, 34, 25) and stage2.shape == (60, 64)  # k1 = 0..16; (re | im, k2 0..14, dir | mirror)
     inner = np.einsum("bka,ab->bk", stage1, frame.reshape(25, 32))  # [b, (yr | yi) k1]
-    stacked = inner.reshape(32, 2, 32).reshape(64, 32)  # rows (b, yr | yi), columns k1
-    outer = stage2 @ stacked  # [(re | im) k2, k1]
-    spectrum = outer[:15] + 1j * outer[15:]  # bin k1 + 32 k2
-    bins = spectrum.reshape(-1)
+    stacked = inner.reshape(32, 2, 17).reshape(64, 17)  # rows (b, yr | yi), columns k1
+    outer = stage2 @ stacked  # [(re | im) (k2, dir), k1]
+    spectrum = (outer[:30] + 1j * outer[30:]).reshape(-1)  # rows (k2, dir, k1)
+    row_bins = split_dft.power_row_bins(1024, 32, 480)
+    held = row_bins >= 0
+    assert sorted(row_bins[held]) == list(range(480))
     padded = np.zeros(1024)
     padded[:800] = frame * window
-    np.testing.assert_allclose(np.abs(bins) ** 2, np.abs(np.fft.fft(padded)[:480]) ** 2, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.abs(spectrum[held]) ** 2, np.abs(np.fft.fft(padded)[row_bins[held]]) ** 2,
+                               rtol=1e-9, atol=1e-9)
