@@ -102,6 +102,7 @@ class MelCED(nn.Module):
     mel_banks: torch.Tensor
     stage1: torch.Tensor
     stage2: torch.Tensor
+    combine: torch.Tensor
     bn_scale: torch.Tensor
     bn_shift: torch.Tensor
 
@@ -117,9 +118,9 @@ class MelCED(nn.Module):
             self.register_buffer("mel_banks", torch.from_numpy(htk_mel_banks()).float())
         else:
             num_frames(samples)  # refuses a waveform too short for the reflect padding
-            stage1, stage2 = split_matrices(periodic_hann(), N_FFT, ROW, self.bins)
-            self.register_buffer("stage1", torch.from_numpy(stage1).float(), persistent=False)
-            self.register_buffer("stage2", torch.from_numpy(stage2).float(), persistent=False)
+            split = split_matrices(periodic_hann(), N_FFT, ROW, self.bins)
+            for name, weights in split._asdict().items():
+                self.register_buffer(name, torch.from_numpy(weights).float(), persistent=False)
             # [64, the split's power rows]: the filters re-indexed to the order the split computes the bins in
             mel_rows = rows_from_bins(htk_mel_banks().T, N_FFT, ROW, self.bins)
             self.register_buffer("mel_banks", torch.from_numpy(mel_rows).float())
@@ -141,7 +142,7 @@ class MelCED(nn.Module):
             mel = torch.matmul(real * real + imag * imag, self.mel_banks).transpose(1, 2)  # [B, 64, T]
         else:
             padded = functional.pad(waveform.unsqueeze(1), (N_FFT // 2, N_FFT // 2), mode="reflect")[:, 0]
-            power = split_power(padded, self.stage1, self.stage2, N_FFT, HOP_LENGTH)
+            power = split_power(padded, self.stage1, self.stage2, self.combine, N_FFT, HOP_LENGTH)
             mel = torch.matmul(self.mel_banks, power)  # [B, 64, T]
         db = 10.0 * torch.log10(mel.clamp_min(AMIN))
         floor = db.amax(dim=(1, 2), keepdim=True) - TOP_DB

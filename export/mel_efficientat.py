@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from export.split_dft import rows_from_bins, split_matrices, split_power
+from export.split_dft import SplitMatrices, rows_from_bins, split_matrices, split_power
 
 SAMPLE_RATE = 32000
 N_FFT = 1024
@@ -98,7 +98,7 @@ def num_frames(samples: int) -> int:
     return 1 + (samples - 1) // HOP_LENGTH
 
 
-def fft_split_matrices(window: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+def fft_split_matrices(window: np.ndarray, n_bins: int) -> SplitMatrices:
     """The split DFT's two stages for this front-end (export/split_dft.py): rows of ROW samples, n_fft 1024."""
     return split_matrices(window, N_FFT, ROW, n_bins)
 
@@ -120,6 +120,7 @@ class MelEfficientAT(nn.Module):
     mel_banks: torch.Tensor
     stage1: torch.Tensor
     stage2: torch.Tensor
+    combine: torch.Tensor
 
     def __init__(self, stft: str = DEFAULT_STFT) -> None:
         super().__init__()
@@ -144,11 +145,11 @@ class MelEfficientAT(nn.Module):
             return
         # The split computes bins 0 .. K1 K2 - 1 (the phase of the window's offset drops out of |X|^2), in the
         # order of its rows: the filters are re-indexed to those rows instead of the spectrum to bins.
-        stage1, stage2 = fft_split_matrices(window, last)
+        split = fft_split_matrices(window, last)
         computed = rows_from_bins(mel[:, :last], N_FFT, ROW, last)
         self.bands = mel_bands(computed)
-        self.register_buffer("stage1", torch.from_numpy(stage1).float(), persistent=False)
-        self.register_buffer("stage2", torch.from_numpy(stage2).float(), persistent=False)
+        for name, weights in split._asdict().items():
+            self.register_buffer(name, torch.from_numpy(weights).float(), persistent=False)
         for index, (f, lo, hi) in enumerate(self.bands):
             self.register_buffer(f"mel_band_{index}", torch.from_numpy(computed[f:f + MEL_BAND, lo:hi]).float(),
                                  persistent=False)
@@ -169,6 +170,6 @@ class MelEfficientAT(nn.Module):
         return (torch.log(mel + LOG_OFFSET) + NORM_SHIFT) / NORM_SCALE
 
     def _fft_power(self, trimmed: torch.Tensor) -> torch.Tensor:
-        """trimmed [B, L] (frame t = samples 320 t .. 320 t + 799) -> |X|^2 [B, 510 rows, T]: bins 0..479 in the
-        split's row order (export/split_dft.py power_row_bins)."""
-        return split_power(trimmed, self.stage1, self.stage2, WIN_LENGTH, HOP_LENGTH)
+        """trimmed [B, L] (frame t = samples 320 t .. 320 t + 799) -> |X|^2 [B, 544 rows, T]: bins 0..479 (and
+        some above) in the split's row order (export/split_dft.py power_row_bins)."""
+        return split_power(trimmed, self.stage1, self.stage2, self.combine, WIN_LENGTH, HOP_LENGTH)

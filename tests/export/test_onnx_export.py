@@ -81,9 +81,9 @@ def test_export_is_deterministic_and_computes_only_needed_blocks(tmp_path: Path)
     assert first.info.layers == ("layer_3", "layer_2") and first.info.dims == (512, 512)
     assert first.info.default_layers == ("layer_3", "layer_2")  # family defaults not exported
     convs = sum(node.op_type == "Conv" for node in onnx.load(str(first.path)).graph.node)
-    # the front-end's split DFT (stage 1, one grouped conv) + stem + blocks 1..3 (2 + 3 + 3 convs); block 4 and
-    # beyond must not be in the graph
-    assert convs == 1 + 1 + 2 + 3 + 3
+    # the front-end's split DFT (stage 1 and the combination after stage 2, two grouped convs) + stem + blocks 1..3
+    # (2 + 3 + 3 convs); block 4 and beyond must not be in the graph
+    assert convs == 2 + 1 + 2 + 3 + 3
 
 
 def test_failed_verification_leaves_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,8 +149,9 @@ def test_real_mn04_default_front_end_is_the_split_dft_and_conv_stays_available(
     proto = onnx.load(str(mn04_real_export.path))
     front_ops = {n.op_type for n in proto.graph.node if n.name.startswith("/frontend/")}
     assert "MatMul" in front_ops and not {"STFT", "DFT"} & front_ops
-    # the split's stage 1: one grouped conv, a group per row sample b, 25 taps (the window's rows), stride 10
-    assert _front_end_convs(proto) == [(32, [25], [10])]
+    # the split's stage 1: one grouped conv, a group per row sample b, 25 taps (the window's rows), stride 10;
+    # after stage 2, a 1x1 conv with a group per k2 (16) forms the direct and mirrored bins
+    assert _front_end_convs(proto) == [(32, [25], [10]), (16, [1], [1])]
     assert mn04_real_export.info.extra["frontend_stft"] == "fft"
     conv = export_model("mn04", tmp_path, checkpoint=mn04_checkpoint, layers=["layer_12"], stft="conv")
     assert conv.info.extra["frontend_stft"] == "conv" and conv.max_rel_error is not None
