@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights-dir", type=Path, help=f"where to look for official files (default: ${WEIGHTS_DIR_ENV})"
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/NAME.onnx")
-    parser.add_argument("--layers", help="comma-separated outputs, e.g. layer_8,layer_12,embedding")
+    parser.add_argument("--layers", help="comma-separated outputs, e.g. layer_8,layer_12,embedding (default: every "
+                        "block); 'default' names the scoring default layers: a deployment export that computes "
+                        "only the blocks they need")
     pooling = parser.add_mutually_exclusive_group()
     pooling.add_argument("--pooling", choices=POOLINGS, help="one pooling for every layer (default: time-mean)")
     pooling.add_argument(

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -100,7 +101,7 @@ def export_model(
             f"choose one of {', '.join(methods)}" if methods else f"the {family.FAMILY} front-end has one formulation"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    chosen = tuple(layers) if layers else tuple(family.default_exported_layers(name))
+    chosen = _expand_layers(layers, family, name)
     _check_layers(name, chosen, family.available_layers(name))
 
     if random_init:
@@ -151,10 +152,30 @@ def export_model(
                         per_output)
 
 
+DEFAULT_LAYERS_KEYWORD = "default"  # in `layers`: the family's scoring default layers (a deployment export)
+ALL_LAYERS_KEYWORD = "all"
+
+
+def _expand_layers(layers: Sequence[str] | None, family: Any, name: str) -> tuple[str, ...]:
+    """The outputs to export: every block without `layers`; "default" stands for the scoring default layers (only
+    the blocks they need are computed), "all" for every block."""
+    if not layers:
+        return tuple(family.default_exported_layers(name))
+    keywords = {DEFAULT_LAYERS_KEYWORD: family.default_layers(name), ALL_LAYERS_KEYWORD: family.available_layers(name)}
+    chosen: list[str] = []
+    for layer in layers:
+        if layer in keywords:
+            chosen += [each for each in keywords[layer] if each not in chosen]
+        else:
+            chosen.append(layer)  # a repeat is refused by _check_layers
+    return tuple(chosen)
+
+
 def _check_layers(name: str, chosen: Sequence[str], available: Sequence[str]) -> None:
     unknown = [layer for layer in chosen if layer not in available]
     if unknown:
-        raise ExportError(f"{name} has no layer {', '.join(unknown)}; available: {', '.join(available)}")
+        raise ExportError(f"{name} has no layer {', '.join(unknown)}; available: {', '.join(available)} "
+                          f"(or {DEFAULT_LAYERS_KEYWORD}: the scoring default layers, {ALL_LAYERS_KEYWORD}: every one)")
     if len(set(chosen)) != len(chosen):
         raise ExportError(f"layers repeat: {', '.join(chosen)}")
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 from export.cli import main
@@ -21,6 +22,21 @@ def test_cli_exports_random_init(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "verification: max relative error ONNX vs PyTorch" in printed
     info = read_model_info(tmp_path / "mn04.onnx")
     assert info.layers == ("layer_8", "embedding") and info.default_layers == ("layer_8", "embedding")
+
+
+def test_cli_default_layers_make_a_deployment_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--layers default: the scoring default layers, and only the blocks they need in the graph."""
+    code = main(["mn04", "--random-init", "--out", str(tmp_path), "--layers", "default,layer_3,default"])
+    assert code == 0
+    assert "default layers: layer_6, layer_11, layer_12" in capsys.readouterr().out
+    info = read_model_info(tmp_path / "mn04.onnx")
+    assert info.layers == ("layer_6", "layer_11", "layer_12", "layer_3")
+    assert info.default_layers == ("layer_6", "layer_11", "layer_12")
+    blocks = {node.name.split("/")[1] for node in onnx.load(str(tmp_path / "mn04.onnx")).graph.node
+              if node.name.startswith("/features.")}
+    assert blocks == {f"features.{i}" for i in range(13)}  # the stem and blocks 1..12, no later block, no head
+    assert main(["mn04", "--random-init", "--out", str(tmp_path / "all"), "--layers", "all", "--no-verify"]) == 0
+    assert len(read_model_info(tmp_path / "all" / "mn04.onnx").layers) == 17
 
 
 def test_cli_with_weights_dir_quantized(
@@ -41,6 +57,9 @@ def test_cli_with_weights_dir_quantized(
     [
         (["mn04", "--checkpoint", "{tmp}/missing.pt"], "missing.pt: checkpoint file not found"),
         (["mn04", "--random-init", "--layers", "layer_0"], "no layer layer_0"),
+        (["mn04", "--random-init", "--layers", "defaults"], "(or default: the scoring default layers, all: every"),
+        (["mn04", "--random-init", "--layers", "default,layer_3,layer_3"],
+         "repeat: layer_6, layer_11, layer_12, layer_3, layer_3"),
         (["nope", "--random-init"], "unknown encoder 'nope'"),
         (["mn20"], "no pinned sha256"),
         (["ced-tiny", "--random-init", "--stft", "conv"], "ced-tiny: stft 'conv' is not available"),
