@@ -16,6 +16,9 @@ moments of the same machine:
   - ours fft: `edge-export mn04` (the split-DFT front-end, the default; all 16 blocks and the embedding, the
     whole network as the official forward runs it), ONNX Runtime CPU, 1 thread;
   - ours conv: the same export with `--stft conv` (the direct-DFT front-end of earlier releases);
+  - the deployment export, `--layers default` (layers 6, 11, 12: the stem and blocks 1-12, what `.ci/setup`
+    deploys), fft and conv, beside the official code run up to block 12 (`features[:13]`, what a user of the
+    official code who wants those blocks would run);
   - the three front-ends alone (official torch.stft in torch; ours in ONNX Runtime).
 And the embedding each computes from the same audio (official: the block-12 feature map's time mean).
 """
@@ -56,11 +59,13 @@ def _official(directory: Path, stand_ins: Path | None) -> tuple[Any, Any]:
     return front, net.eval()
 
 
-def _export(out: Path, stft: str) -> Path:
+def _export(out: Path, stft: str, layers: list[str] | None = None) -> Path:
     from export.onnx_export import export_model
 
-    # the default export (every block and the embedding: the whole network, as the official forward runs it)
-    result = export_model("mn04", out / stft, checkpoint=benchlib.MN04_CHECKPOINT, stft=stft)
+    # without layers the default export (every block and the embedding: the whole network, as the official forward
+    # runs it)
+    result = export_model("mn04", out / f"{stft}-{'-'.join(layers or ['all'])}", checkpoint=benchlib.MN04_CHECKPOINT,
+                          stft=stft, layers=layers)
     return result.path
 
 
@@ -96,11 +101,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         models = {stft: benchlib.ort_session(_export(out, stft)) for stft in ("fft", "conv")}
+        deployed = {stft: benchlib.ort_session(_export(out, stft, ["default"])) for stft in ("fft", "conv")}
         fronts = {stft: benchlib.ort_session(_front_end_onnx(out, stft)) for stft in ("fft", "conv")}
 
         def official_model() -> object:
             with torch.inference_mode():
                 return net(front(x).unsqueeze(1))
+
+        def official_to_block_12() -> object:
+            with torch.inference_mode():
+                return net.features[:13](front(x).unsqueeze(1)).mean(dim=3)
 
         def official_front() -> object:
             with torch.inference_mode():
@@ -110,6 +120,9 @@ def main() -> int:
             "official mn04 (torch eager)": official_model,
             "ours fft (ONNX Runtime)": lambda: models["fft"].run(None, {"waveform": audio}),
             "ours conv (ONNX Runtime)": lambda: models["conv"].run(None, {"waveform": audio}),
+            "official mn04 to block 12 (torch eager)": official_to_block_12,
+            "ours fft --layers default": lambda: deployed["fft"].run(None, {"waveform": audio}),
+            "ours conv --layers default": lambda: deployed["conv"].run(None, {"waveform": audio}),
             "official front-end (torch.stft)": official_front,
             "ours fft front-end": lambda: fronts["fft"].run(None, {"waveform": audio}),
             "ours conv front-end": lambda: fronts["conv"].run(None, {"waveform": audio}),
@@ -126,8 +139,13 @@ def main() -> int:
     rows = [[name, f"{value:.2f}"] for name, value in ms.items()]
     print(f"### mn04 per 10 s window, batch 1, one thread, median of {args.repeats} interleaved calls\n")
     print(benchlib.table(["what", "ms"], rows))
-    print(f"\nours fft vs official: {official_ms / fft_ms:.2f}x faster; vs ours conv (today's export until this "
-          f"change): {conv_ms / fft_ms:.2f}x faster; ours conv vs official: {official_ms / conv_ms:.2f}x")
+    print(f"\nours fft vs official: {official_ms / fft_ms:.2f}x faster; vs ours conv (the export before the split "
+          f"DFT): {conv_ms / fft_ms:.2f}x faster; ours conv vs official: {official_ms / conv_ms:.2f}x")
+    official12_ms = ms["official mn04 to block 12 (torch eager)"]
+    fft12_ms, conv12_ms = ms["ours fft --layers default"], ms["ours conv --layers default"]
+    print(f"deployment export (--layers default) fft: vs the official code to block 12 {official12_ms / fft12_ms:.2f}x "
+          f"faster; vs ours conv --layers default {conv12_ms / fft12_ms:.2f}x; vs ours conv with every block (what "
+          f"the default setup exported before) {conv_ms / fft12_ms:.2f}x")
     front_ratio = ms["official front-end (torch.stft)"] / ms["ours fft front-end"]
     print(f"front-ends: ours fft vs official torch.stft {front_ratio:.2f}x; ours fft vs ours conv "
           f"{ms['ours conv front-end'] / ms['ours fft front-end']:.2f}x")

@@ -156,15 +156,20 @@ class MelEfficientAT(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         emphasized = waveform[:, 1:] - PREEMPHASIS * waveform[:, :-1]
-        padded = functional.pad(emphasized.unsqueeze(1), (N_FFT // 2, N_FFT // 2), mode="reflect")
-        # Skip the zero-weighted window margins on both sides so exactly 1 + (S-1)//hop frames remain.
-        trimmed = padded[:, :, self.window_offset : padded.shape[-1] - self.window_offset]
         if self.stft == "conv":
+            padded = functional.pad(emphasized.unsqueeze(1), (N_FFT // 2, N_FFT // 2), mode="reflect")
+            # Skip the zero-weighted window margins on both sides so exactly 1 + (S-1)//hop frames remain.
+            trimmed = padded[:, :, self.window_offset : padded.shape[-1] - self.window_offset]
             spectrum = functional.conv1d(trimmed, self.dft_bases, stride=HOP_LENGTH)
             real, imag = spectrum[:, : self.num_bins], spectrum[:, self.num_bins :]
             mel = torch.matmul(self.mel_banks, real * real + imag * imag)
         else:
-            power = self._fft_power(trimmed[:, 0])
+            # Reflect padding of n_fft/2 without the window's zero margins is reflect padding of win/2; on the right
+            # only as far as the last frame reads: frame t is then samples 320 t .. 320 t + 799, with no slicing.
+            length = emphasized.shape[-1]
+            right = WIN_LENGTH // 2 - length % HOP_LENGTH
+            padded = functional.pad(emphasized.unsqueeze(1), (WIN_LENGTH // 2, right), mode="reflect")
+            power = self._fft_power(padded[:, 0])
             mel = torch.cat([torch.matmul(self.get_buffer(f"mel_band_{i}"), power[:, lo:hi])
                              for i, (_, lo, hi) in enumerate(self.bands)], dim=1)
         return (torch.log(mel + LOG_OFFSET) + NORM_SHIFT) / NORM_SCALE

@@ -112,7 +112,9 @@ def split_power(signal: torch.Tensor, stage1: torch.Tensor, stage2: torch.Tensor
     frames = (signal.shape[1] - window) // hop + 1
     used = (frames - 1) * hop_rows + rows  # the rows the frames read: the convolution gives exactly `frames`
     # [B, b, row index]: frame t's row a is column hop_rows t + a
-    by_rows = signal[:, : used * row].reshape(batch, used, row).transpose(1, 2)
+    if signal.shape[1] != used * row:  # a constant when exported: no Slice where the signal is exactly the frames
+        signal = signal[:, : used * row]
+    by_rows = signal.reshape(batch, used, row).transpose(1, 2)
     # stage 1 for every frame: group b applies stage1[b] ((yr | yi) x k1 outputs, rows taps) to column b
     inner = functional.conv1d(by_rows, stage1.reshape(row * 2 * columns, 1, rows), stride=hop_rows, groups=row)
     # [B, b x (yr | yi) x k1, T] is [B, b, (yr | yi) k1 T]: stage 2 contracts b alone
