@@ -40,6 +40,10 @@ def machine() -> dict[str, Any]:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
         found = re.search(r"Model name:\s*(.+)", text)
         cpu = found.group(1).strip() if found else cpu
+        # a VM's model name hides the generation ("AMD EPYC"); family and model tell Zen 4 (25) from Zen 5 (26)
+        family, model = re.search(r"CPU family:\s*(\d+)", text), re.search(r"\nModel:\s*(\d+)", text)
+        if family and model:
+            cpu += f" (family {family.group(1)} model {model.group(1)})"
         flags = re.search(r"Flags:\s*(.+)", text)
         isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni")
                if flags and f in flags.group(1).split()]

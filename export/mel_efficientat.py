@@ -8,24 +8,25 @@ waveform [B, S] at 32 kHz -> log-mel [B, 128, T]:
 
 In eval mode the official code uses fmin = 0 and fmax = sr/2 - fmax_aug_range/2 = 16000 - 1000 = 15000 Hz.
 
-Two formulations of the STFT, both plain MatMul/Conv/Reshape/Slice ops that run in onnxruntime on CPU, CUDA
-and TensorRT (the ONNX STFT and DFT ops measured slower on ONNX Runtime's CPU kernels, docs/benchmarks.md):
-- `fft` (default): a two-stage Cooley-Tukey split of the 1024-point DFT, n = 32 a + b, k = k1 + 32 k2:
-      X[k1 + 32 k2] = sum_b e^(-2 pi i b k2 / 32) [e^(-2 pi i b k1 / 1024) sum_a w[n] x[n] e^(-2 pi i a k1 / 32)]
-  The window is 800 = 25 x 32 samples and the hop 320 = 10 x 32, so a frame is 25 consecutive rows of 32
-  samples of the signal laid out as rows; stage 1 is one grouped conv1d over the rows (a group per b, 25
-  taps, stride 10; window and twiddles folded into its 64 x 25 weights), stage 2 one MatMul over b and the real and
-  imaginary parts (64 -> 2 x 15 k2 values: bins 0..479, all the mel filters use). 0.23 GFLOP against the
-  direct DFT's 1.53 per 10 s.
+Two formulations of the STFT, both plain Conv/MatMul/Reshape/Slice ops that run in onnxruntime on CPU, CUDA
+and TensorRT (the ONNX STFT and DFT ops measured slower on ONNX Runtime's CPU kernels, docs/encoders.md):
+- `fft` (default): a split of the 1024-point DFT into 32 x 32 (export/split_dft.py), n = 32 a + b,
+  k = k1 + 32 k2. The signal is reflect-padded by win/2 = 400 (the window's zero margins are never padded), so
+  frame t is samples 320 t .. 320 t + 799: 25 consecutive rows of 32 samples, 10 rows apart. Stage 1 is one
+  grouped conv1d over the rows (a group per b, 25 taps, stride 10) for k1 = 0..16 (the signal is real);
+  stage 2 one MatMul over b (cos and sin sums for k2 = 0..15) and a grouped 1x1 conv that forms, from each
+  k1 column, bins k1 + 32 k2 and 32 k2 - k1. The power comes out in the split's row order and the mel filters
+  are re-indexed to it. 0.13 GFLOP against the direct DFT's 1.53 per 10 s.
 - `conv`: the direct DFT as a strided conv1d with windowed DFT bases (479 bins x 800 taps), the export of
   earlier releases (kept for comparison: `edge-export --stft conv`, `bench/stft_formulations.py`).
-The mel filters are triangles: they are applied in bands of 16 filters, each a MatMul over the FFT bins its
-filters touch (13 % of the dense 128 x 480 product).
+The mel filters are triangles: they are applied in bands of 16 filters, each a MatMul over the spectrum rows
+its filters touch.
 
 float32 rounding: the split's stage 2 adds 32 terms of magnitude |X| / 32 where the direct DFT adds 800
 windowed samples, so next to a loud pure tone (a chirp's far bins) its log-mel error against a float64
-reference is ~3x the conv's and ~2.2x that of the official float32 torch.stft front-end (2.4e-4, 7.9e-5 and
-1.1e-4 on the test chirp); on broadband signals all three stay below 1e-4 (tests/export/test_mel_efficientat.py).
+reference is a few times the conv's and the official float32 torch.stft front-end's
+(`bench/frontend_precision.py`); on broadband signals all three stay below 1e-4
+(tests/export/test_mel_efficientat.py).
 """
 
 from __future__ import annotations
