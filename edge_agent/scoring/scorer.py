@@ -175,11 +175,15 @@ class BankScorer:
                               indexes=self.hnsw_indexes(), model_sha256=model_sha256)
 
 
+LAYER_HINT = "another layer needs an export that has it, edge-export --layers, and a bank enrolled from that"
+
+
 def _choose_layers(bank: MemoryBank, cfg: ScoringConfig) -> tuple[str, ...]:
     if cfg.layers is not None:
         missing = [layer for layer in cfg.layers if layer not in bank.layers]
         if missing:
-            raise ConfigError("scoring.layers", f"not in the bank (it has {', '.join(bank.layers)})",
+            raise ConfigError("scoring.layers", f"not in the bank (it has {', '.join(bank.layers)}, the outputs of "
+                              f"the export it was enrolled from; {LAYER_HINT})",
                               missing[0] if len(missing) == 1 else missing)
         return cfg.layers
     layers = tuple(layer for layer in bank.info.default_layers if layer in bank.layers)

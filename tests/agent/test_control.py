@@ -11,8 +11,12 @@ import yaml
 
 from edge_agent.audio.wavio import write_wav
 from edge_agent.scoring.bank import MemoryBank
+from edge_agent.scoring.scorer import LAYER_HINT
 
 from .agent_helpers import BASE, Mosquitto, Watcher, noise, start_agent, stop_agent, write_anomaly_wav, write_config
+
+MISSING_LAYER = ("not in the bank (it has layer_1, layer_2, the outputs of the export it was enrolled from; "
+                 f"{LAYER_HINT})")
 
 
 def _scores(watcher: Watcher) -> list[dict]:
@@ -196,7 +200,7 @@ def test_bad_scoring_keys_are_answered_with_path_message_and_value(tmp_path: Pat
                                    "message": "must be one of none, zscore-test, zscore-domain, ld, ld-domain",
                                    "value": "magic"}),
         ({"layers": ["layer_9"]}, {"path": "sources[0].scoring.layers",
-                                   "message": "not in the bank (it has layer_1, layer_2)", "value": "layer_9"}),
+                                   "message": MISSING_LAYER, "value": "layer_9"}),
     ]
     try:
         original = cfg.read_text()

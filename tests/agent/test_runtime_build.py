@@ -14,8 +14,12 @@ from edge_agent.model.encoder import Encoder
 from edge_agent.scoring.bank_set import BankSet, load_banks
 from edge_agent.scoring.calibration import calibrate
 from edge_agent.scoring.config import ScoringConfig
+from edge_agent.scoring.scorer import LAYER_HINT
 
 from .agent_helpers import build_bank
+
+MISSING_LAYER = ("not in the bank (it has layer_1, layer_2, the outputs of the export it was enrolled from; "
+                 f"{LAYER_HINT})")
 
 
 def _banks(model: Path, bank_dir: Path) -> BankSet:
@@ -76,9 +80,9 @@ def test_a_scoring_error_carries_path_message_and_value_as_fields(tmp_path: Path
         build_runtime(_cfg(tmp_path, toy_model, bank_dir, ", scoring: {layers: [layer_9]}"), None)
     error = info.value
     assert (error.path, error.message, error.value) == (
-        "sources[0].scoring.layers", "not in the bank (it has layer_1, layer_2)", "layer_9")
-    assert str(error) == ("agent.yaml: sources[0].scoring.layers: not in the bank (it has layer_1, layer_2) "
-                          "(got 'layer_9')")
+        "sources[0].scoring.layers", MISSING_LAYER, "layer_9")
+    assert str(error) == (f"agent.yaml: sources[0].scoring.layers: not in the bank (it has layer_1, layer_2, the "
+                          f"outputs of the export it was enrolled from; {LAYER_HINT}) (got 'layer_9')")
     with pytest.raises(ConfigError) as info:
         _cfg(tmp_path, toy_model, bank_dir, ", scoring: {k_n: 0}")
     assert (info.value.path, info.value.message, info.value.value) == (

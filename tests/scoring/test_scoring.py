@@ -57,7 +57,7 @@ def test_default_layers_and_named_layers(bank: MemoryBank) -> None:
     emb = {"layer_4": np.array([[5.0]]), "layer_8": np.array([[20.0]])}
     assert both.score_layers(emb) == {"layer_4": [2.0], "layer_8": [0.0]}
     assert both.score(emb).tolist() == [1.0]
-    with pytest.raises(ConfigError, match=r"scoring\.layers: not in the bank"):
+    with pytest.raises(ConfigError, match=r"scoring\.layers: not in the bank .* edge-export --layers"):
         BankScorer.fit(bank, knn_only(layers=("layer_9",)))
 
 
