@@ -144,8 +144,8 @@ class MelEfficientAT(nn.Module):
             self.register_buffer("dft_bases", torch.from_numpy(bases[:, None, :]).float(), persistent=False)
             self.register_buffer("mel_banks", torch.from_numpy(mel[:, first:last]).float(), persistent=False)
             return
-        # The split computes bins 0 .. K1 K2 - 1 (the phase of the window's offset drops out of |X|^2), in the
-        # order of its rows: the filters are re-indexed to those rows instead of the spectrum to bins.
+        # The split computes bins 0 .. last - 1 and a few above (the phase of the window's offset drops out of
+        # |X|^2), in the order of its rows: the filters are re-indexed to those rows, not the spectrum to bins.
         split = fft_split_matrices(window, last)
         computed = rows_from_bins(mel[:, :last], N_FFT, ROW, last)
         self.bands = mel_bands(computed)
