@@ -145,11 +145,13 @@ class ChannelSqueezeExcite(nn.Module):
         squeezed = round_channels(channels // 4)
         self.fc1 = nn.Linear(channels, squeezed)
         self.fc2 = nn.Linear(squeezed, channels)
+        self.channels = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = x.mean(dim=(2, 3))
         scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(scale))))
-        return x * scale[:, :, None, None]
+        # one Reshape with a constant shape in the graph, where scale[:, :, None, None] gives two Unsqueezes
+        return x * scale.reshape(-1, self.channels, 1, 1)
 
 
 class SqueezeExciteGroup(nn.Module):

@@ -42,27 +42,26 @@ def pool_grid(grid: torch.Tensor, mode: str, gem_p: float = DEFAULT_GEM_P) -> to
     spatial:      mean over T and F, D = C
     spectral:     mean over F, flatten T*C (keeps time; for ablations only)
     """
-    batch = grid.shape[0]
     if mode == "time-mean":
-        return grid.mean(dim=1).reshape(batch, -1)
+        return grid.mean(dim=1).flatten(1)
     if mode == "time-meanstd":
         mean = grid.mean(dim=1, keepdim=True)
         centered = grid - mean
         std = torch.sqrt((centered * centered).mean(dim=1))
-        return torch.cat([mean.reshape(batch, -1), std.reshape(batch, -1)], dim=1)
+        return torch.cat([mean.flatten(1), std.flatten(1)], dim=1)
     if mode == "time-max":
-        return grid.amax(dim=1).reshape(batch, -1)
+        return grid.amax(dim=1).flatten(1)
     if mode == "gem":
         check_gem_p(gem_p)
-        return grid.clamp(min=GEM_EPS).pow(gem_p).mean(dim=1).pow(1.0 / gem_p).reshape(batch, -1)
+        return grid.clamp(min=GEM_EPS).pow(gem_p).mean(dim=1).pow(1.0 / gem_p).flatten(1)
     if mode == "time-delta":
         if grid.shape[1] < 2:
-            return torch.zeros_like(grid[:, 0]).reshape(batch, -1)
-        return (grid[:, 1:] - grid[:, :-1]).abs().mean(dim=1).reshape(batch, -1)
+            return torch.zeros_like(grid[:, 0]).flatten(1)
+        return (grid[:, 1:] - grid[:, :-1]).abs().mean(dim=1).flatten(1)
     if mode == "spatial":
         return grid.mean(dim=(1, 2))
     if mode == "spectral":
-        return grid.mean(dim=2).reshape(batch, -1)
+        return grid.mean(dim=2).flatten(1)
     raise ValueError(f"pooling {mode!r} is not one of {POOLINGS}")
 
 

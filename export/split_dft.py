@@ -108,18 +108,19 @@ def split_power(signal: torch.Tensor, stage1: torch.Tensor, stage2: torch.Tensor
     columns, k2_count = stage1.shape[1] // 2, stage2.shape[0] // 2
     if window != row * rows or hop % row:
         raise ValueError(f"window {window} and hop {hop} must be multiples of the row ({row})")
-    batch, hop_rows = signal.shape[0], hop // row
+    hop_rows = hop // row
     frames = (signal.shape[1] - window) // hop + 1
     used = (frames - 1) * hop_rows + rows  # the rows the frames read: the convolution gives exactly `frames`
     # [B, b, row index]: frame t's row a is column hop_rows t + a
     if signal.shape[1] != used * row:  # a constant when exported: no Slice where the signal is exactly the frames
         signal = signal[:, : used * row]
-    by_rows = signal.reshape(batch, used, row).transpose(1, 2)
+    # -1 for the batch: a constant shape in the graph, where signal.shape[0] would add Shape/Gather/Concat ops
+    by_rows = signal.reshape(-1, used, row).transpose(1, 2)
     # stage 1 for every frame: group b applies stage1[b] ((yr | yi) x k1 outputs, rows taps) to column b
     inner = functional.conv1d(by_rows, stage1.reshape(row * 2 * columns, 1, rows), stride=hop_rows, groups=row)
     # [B, b x (yr | yi) x k1, T] is [B, b, (yr | yi) k1 T]: stage 2 contracts b alone
-    sums = torch.matmul(stage2, inner.reshape(batch, row, 2 * columns * frames))  # [B, (k2, cos | sin), ...]
+    sums = torch.matmul(stage2, inner.reshape(-1, row, 2 * columns * frames))  # [B, (k2, cos | sin), ...]
     # [B, (k2, cos | sin, yr | yi), k1 T] -> per k2 (mirror re, mirror im, direct re, direct im)
-    parts = functional.conv1d(sums.reshape(batch, 4 * k2_count, columns * frames), combine, groups=k2_count)
-    squares = (parts * parts).reshape(batch, 2 * k2_count, 2, columns * frames)
-    return squares.sum(dim=2).reshape(batch, 2 * k2_count * columns, frames)
+    parts = functional.conv1d(sums.reshape(-1, 4 * k2_count, columns * frames), combine, groups=k2_count)
+    squares = (parts * parts).reshape(-1, 2 * k2_count, 2, columns * frames)
+    return squares.sum(dim=2).reshape(-1, 2 * k2_count * columns, frames)

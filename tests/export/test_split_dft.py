@@ -22,7 +22,7 @@ def _layouts(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
     return n_fft, row, window, hop, n_bins
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(_layouts(), st.integers(1, 6), st.integers(0, 2**31 - 1))
 def test_split_power_is_the_windowed_dft_power(layout: tuple[int, int, int, int, int], frames: int,
                                               seed: int) -> None:
@@ -41,7 +41,8 @@ def test_split_power_is_the_windowed_dft_power(layout: tuple[int, int, int, int,
     framed = np.stack([signal[hop * t: hop * t + window_length] * window for t in range(frames)])
     expected = np.abs(np.fft.fft(framed, n_fft, axis=1).T) ** 2  # [n_fft, T]: bins past n_fft/2 mirror
     scale = expected.max()
-    np.testing.assert_allclose(power[held], expected[row_bins[held]], rtol=0, atol=1e-9 * scale)
+    # the rows above n_bins may pass n_fft, where the DFT repeats: bin k is bin k mod n_fft
+    np.testing.assert_allclose(power[held], expected[row_bins[held] % n_fft], rtol=0, atol=1e-9 * scale)
 
 
 def test_rows_from_bins_zeroes_repeated_rows_and_missing_bins() -> None:
