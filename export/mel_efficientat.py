@@ -167,7 +167,7 @@ class MelEfficientAT(nn.Module):
         else:
             # Reflect padding of n_fft/2 without the window's zero margins is reflect padding of win/2; on the right
             # only as far as the last frame reads: frame t is then samples 320 t .. 320 t + 799, with no slicing.
-            length = emphasized.shape[-1]
+            length = int(emphasized.shape[-1])  # a constant in the export (fixed window; split_dft.split_power)
             right = WIN_LENGTH // 2 - length % HOP_LENGTH
             padded = functional.pad(emphasized.unsqueeze(1), (WIN_LENGTH // 2, right), mode="reflect")
             power = self._fft_power(padded[:, 0])

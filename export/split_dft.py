@@ -109,12 +109,15 @@ def split_power(signal: torch.Tensor, stage1: torch.Tensor, stage2: torch.Tensor
     if window != row * rows or hop % row:
         raise ValueError(f"window {window} and hop {hop} must be multiples of the row ({row})")
     hop_rows = hop // row
-    frames = (signal.shape[1] - window) // hop + 1
+    # int(): exports have a fixed window length (only the batch is dynamic), so the sizes below are constants in
+    # the graph rather than Shape/Gather/Div chains run on every call
+    length = int(signal.shape[1])
+    frames = (length - window) // hop + 1
     used = (frames - 1) * hop_rows + rows  # the rows the frames read: the convolution gives exactly `frames`
     # [B, b, row index]: frame t's row a is column hop_rows t + a
-    if signal.shape[1] != used * row:  # a constant when exported: no Slice where the signal is exactly the frames
+    if length != used * row:  # no Slice where the signal is exactly the frames
         signal = signal[:, : used * row]
-    # -1 for the batch: a constant shape in the graph, where signal.shape[0] would add Shape/Gather/Concat ops
+    # -1 for the batch: a constant shape (signal.shape[0] would add Shape/Gather/Concat ops)
     by_rows = signal.reshape(-1, used, row).transpose(1, 2)
     # stage 1 for every frame: group b applies stage1[b] ((yr | yi) x k1 outputs, rows taps) to column b
     inner = functional.conv1d(by_rows, stage1.reshape(row * 2 * columns, 1, rows), stride=hop_rows, groups=row)
