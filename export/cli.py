@@ -62,10 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else None
-    poolings = [part.strip() for part in args.poolings.split(",") if part.strip()] if args.poolings else None
+    layers = _names(args.layers)
+    poolings = _names(args.poolings)
+    for option, given, names in (("--layers", args.layers, layers), ("--poolings", args.poolings, poolings)):
+        if given is not None and not names:
+            print(f"edge-export: error: {option} names nothing (got {given!r})", file=sys.stderr)
+            return 2
     try:
         result = export_model(
             args.name,

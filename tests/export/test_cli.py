@@ -58,6 +58,8 @@ def test_cli_with_weights_dir_quantized(
         (["mn04", "--checkpoint", "{tmp}/missing.pt"], "missing.pt: checkpoint file not found"),
         (["mn04", "--random-init", "--layers", "layer_0"], "no layer layer_0"),
         (["mn04", "--random-init", "--layers", "defaults"], "(or default: the scoring default layers, all: every"),
+        (["mn04", "--random-init", "--layers", " , ,"], "--layers names nothing (got ' , ,')"),
+        (["mn04", "--random-init", "--poolings", ","], "--poolings names nothing (got ',')"),
         (["mn04", "--random-init", "--layers", "default,layer_3,layer_3"],
          "repeat: layer_6, layer_11, layer_12, layer_3, layer_3"),
         (["nope", "--random-init"], "unknown encoder 'nope'"),
