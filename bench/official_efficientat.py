@@ -13,11 +13,13 @@ repository; the checkpoint is the real mn04 AudioSet release (`../shared/models/
 Rows, each the median of `--repeats` calls, interleaved call by call so that every ratio compares the same
 moments of the same machine:
   - official: AugmentMelSTFT (eval mode) + get_model(width_mult=0.4), torch eager, 1 thread;
-  - ours fft: `edge-export mn04` (the split-DFT front-end, the default; all 16 blocks and the embedding, the
-    whole network as the official forward runs it), ONNX Runtime CPU, 1 thread;
-  - ours conv: the same export with `--stft conv` (the direct-DFT front-end of earlier releases);
+  - ours fft: `edge-export mn04` (the split-DFT front-end and the folded stem, the defaults; all 16 blocks and the
+    embedding, the whole network as the official forward runs it), ONNX Runtime CPU, 1 thread;
+  - ours fft with the official stem graph (`stem="official"`, export/stem_fold.py): what the fold alone gives;
+  - ours conv: the export as it was before the FFT front-ends, the direct-DFT front-end (`--stft conv`) and the
+    official stem graph;
   - the deployment export, `--layers default` (layers 6, 11, 12: the stem and blocks 1-12, what `.ci/setup`
-    deploys), fft and conv, beside the official code run up to block 12 (`features[:13]`, what a user of the
+    deploys), the same three, beside the official code run up to block 12 (`features[:13]`, what a user of the
     official code who wants those blocks would run);
   - the three front-ends alone (official torch.stft in torch; ours in ONNX Runtime).
 And the embedding each computes from the same audio (official: the block-12 feature map's time mean).
@@ -59,13 +61,18 @@ def _official(directory: Path, stand_ins: Path | None) -> tuple[Any, Any]:
     return front, net.eval()
 
 
-def _export(out: Path, stft: str, layers: list[str] | None = None) -> Path:
+# name -> (stft, stem) of the exports compared: ours as exported now, ours without the stem fold, and the export
+# before the FFT front-ends (the direct DFT and the official stem graph)
+EXPORTS = {"fft": ("fft", None), "fft official stem": ("fft", "official"), "conv": ("conv", "official")}
+
+
+def _export(out: Path, stft: str, stem: str | None, layers: list[str] | None = None) -> Path:
     from export.onnx_export import export_model
 
     # without layers the default export (every block and the embedding: the whole network, as the official forward
     # runs it)
-    result = export_model("mn04", out / f"{stft}-{'-'.join(layers or ['all'])}", checkpoint=benchlib.MN04_CHECKPOINT,
-                          stft=stft, layers=layers)
+    result = export_model("mn04", out / f"{stft}-{stem}-{'-'.join(layers or ['all'])}",
+                          checkpoint=benchlib.MN04_CHECKPOINT, stft=stft, stem=stem, layers=layers)
     return result.path
 
 
@@ -100,8 +107,8 @@ def main() -> int:
     x = torch.from_numpy(audio)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        models = {stft: benchlib.ort_session(_export(out, stft)) for stft in ("fft", "conv")}
-        deployed = {stft: benchlib.ort_session(_export(out, stft, ["default"])) for stft in ("fft", "conv")}
+        models = {name: benchlib.ort_session(_export(out, *how)) for name, how in EXPORTS.items()}
+        deployed = {name: benchlib.ort_session(_export(out, *how, ["default"])) for name, how in EXPORTS.items()}
         fronts = {stft: benchlib.ort_session(_front_end_onnx(out, stft)) for stft in ("fft", "conv")}
 
         def official_model() -> object:
@@ -119,10 +126,13 @@ def main() -> int:
         calls = {
             "official mn04 (torch eager)": official_model,
             "ours fft (ONNX Runtime)": lambda: models["fft"].run(None, {"waveform": audio}),
-            "ours conv (ONNX Runtime)": lambda: models["conv"].run(None, {"waveform": audio}),
+            "ours fft, official stem": lambda: models["fft official stem"].run(None, {"waveform": audio}),
+            "ours conv, official stem (the export before)": lambda: models["conv"].run(None, {"waveform": audio}),
             "official mn04 to block 12 (torch eager)": official_to_block_12,
             "ours fft --layers default": lambda: deployed["fft"].run(None, {"waveform": audio}),
-            "ours conv --layers default": lambda: deployed["conv"].run(None, {"waveform": audio}),
+            "ours fft --layers default, official stem":
+                lambda: deployed["fft official stem"].run(None, {"waveform": audio}),
+            "ours conv --layers default, official stem": lambda: deployed["conv"].run(None, {"waveform": audio}),
             "official front-end (torch.stft)": official_front,
             "ours fft front-end": lambda: fronts["fft"].run(None, {"waveform": audio}),
             "ours conv front-end": lambda: fronts["conv"].run(None, {"waveform": audio}),
@@ -133,26 +143,29 @@ def main() -> int:
         with torch.inference_mode():
             maps = net.features[:13](front(x).unsqueeze(1))
         official_emb = maps.mean(dim=3).permute(0, 2, 1).reshape(1, -1).numpy()
-        ours = {stft: models[stft].run(["layer_12"], {"waveform": audio})[0] for stft in models}
+        ours = {name: models[name].run(["layer_12"], {"waveform": audio})[0] for name in models}
     official_ms, fft_ms, conv_ms = (ms["official mn04 (torch eager)"], ms["ours fft (ONNX Runtime)"],
-                                    ms["ours conv (ONNX Runtime)"])
+                                    ms["ours conv, official stem (the export before)"])
     rows = [[name, f"{value:.2f}"] for name, value in ms.items()]
     print(f"### mn04 per 10 s window, batch 1, one thread, median of {args.repeats} interleaved calls\n")
     print(benchlib.table(["what", "ms"], rows))
-    print(f"\nours fft vs official: {official_ms / fft_ms:.2f}x faster; vs ours conv (the export before the split "
-          f"DFT): {conv_ms / fft_ms:.2f}x faster; ours conv vs official: {official_ms / conv_ms:.2f}x")
+    print(f"\nours fft vs official: {official_ms / fft_ms:.2f}x faster; vs the export before (conv, official stem): "
+          f"{conv_ms / fft_ms:.2f}x faster; the stem fold alone: {ms['ours fft, official stem'] / fft_ms:.2f}x; "
+          f"ours conv vs official: {official_ms / conv_ms:.2f}x")
     official12_ms = ms["official mn04 to block 12 (torch eager)"]
-    fft12_ms, conv12_ms = ms["ours fft --layers default"], ms["ours conv --layers default"]
+    fft12_ms, conv12_ms = ms["ours fft --layers default"], ms["ours conv --layers default, official stem"]
+    fold12 = ms["ours fft --layers default, official stem"] / fft12_ms
     print(f"deployment export (--layers default) fft: vs the official code to block 12 {official12_ms / fft12_ms:.2f}x "
-          f"faster; vs ours conv --layers default {conv12_ms / fft12_ms:.2f}x; vs ours conv with every block (what "
-          f"the default setup exported before) {conv_ms / fft12_ms:.2f}x")
+          f"faster; vs the export before with the same layers (conv, official stem) {conv12_ms / fft12_ms:.2f}x; the "
+          f"stem fold alone {fold12:.2f}x; vs the export before with "
+          f"every block (what the default setup exported before) {conv_ms / fft12_ms:.2f}x")
     front_ratio = ms["official front-end (torch.stft)"] / ms["ours fft front-end"]
     print(f"front-ends: ours fft vs official torch.stft {front_ratio:.2f}x; ours fft vs ours conv "
           f"{ms['ours conv front-end'] / ms['ours fft front-end']:.2f}x")
     agreement = {}
-    for stft, emb in ours.items():
+    for name, emb in ours.items():
         if official_emb.shape == emb.shape:
-            agreement[stft] = float(np.abs(emb - official_emb).max() / np.abs(official_emb).max())
+            agreement[name] = float(np.abs(emb - official_emb).max() / np.abs(official_emb).max())
     if agreement:
         print("layer_12 time-mean embedding vs the official code's block 12, max relative difference: "
               + ", ".join(f"ours {k} {v:.2e}" for k, v in agreement.items()))

@@ -31,11 +31,13 @@ from export.checkpoints import OfficialWeights
 from export.mel_efficientat import DEFAULT_STFT, N_MELS, SAMPLE_RATE, MelEfficientAT, num_frames
 from export.mel_efficientat import STFT_METHODS as MEL_STFT_METHODS
 from export.pooling import Poolings, cnn_map_to_grid, pool_grid, pooled_dim
+from export.stem_fold import StemFold, foldable
 
 FAMILY = "efficientat"
 WIDTHS = {"mn04": 0.4, "mn05": 0.5, "mn10": 1.0, "mn20": 2.0, "mn30": 3.0, "mn40": 4.0}
 VARIANTS = tuple(WIDTHS)
 STFT_METHODS = MEL_STFT_METHODS  # the front-end's STFT formulations (export_model(..., stft=...))
+STEMS = ("folded", "official")  # how features[0..2] are computed (export_model(..., stem=...), export/stem_fold.py)
 WINDOW_SECONDS = 10
 WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE
 NUM_CLASSES = 527  # AudioSet
@@ -285,16 +287,47 @@ class EfficientATEncoder(ExportableEncoder):
         self.frontend = MelEfficientAT(stft)
         self.frontend_stft = stft
         self.net = MobileNetAudio(variant)
+        self.stem_fold: StemFold | None = None
+
+    def fold_stem(self) -> None:
+        """Compute features[0..2] as export/stem_fold.py folds them, from the weights loaded now (a later load
+        does not reach the fold). Refused where the network is not foldable or no output needs block 2."""
+        if not foldable(self.net.features):
+            channels = self.net.features.get_submodule("1.block.0.0").in_channels
+            raise ValueError(f"{self.variant}: block 1 has {channels} channels; "
+                             "the stem fold is for blocks narrower than 16 (mn04, mn05)")
+        if max(self.indices) < 2:
+            raise ValueError("the stem fold computes block 2: no output here needs it")
+        self.stem_fold = StemFold(self.net.features, keep_block_1=1 in self.indices)
+
+    @property
+    def stem(self) -> str:
+        """How features[0..2] are computed: "folded" (export/stem_fold.py) or "official"."""
+        return "official" if self.stem_fold is None else "folded"
+
+    def feature_maps(self, image: torch.Tensor, deepest: int) -> list[torch.Tensor | None]:
+        """features[0..deepest]'s maps as the exported graph computes them: with the stem fold, features[0] is
+        None and features[1] too unless an output needs it."""
+        if self.stem_fold is None:
+            return list(self.net.feature_maps(image, deepest))
+        block_1, x = self.stem_fold(image)
+        maps: list[torch.Tensor | None] = [None, block_1, x]
+        for index in range(3, deepest + 1):
+            x = self.net.features[index](x)
+            maps.append(x)
+        return maps
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:
         image = self.frontend(waveform).unsqueeze(1)
-        maps = self.net.feature_maps(image, max(self.indices))
+        maps = self.feature_maps(image, max(self.indices))
         outputs = []
         for output, index in zip(self.pooled_outputs, self.indices, strict=True):
+            feature_map = maps[index]
+            assert feature_map is not None  # every output's block is computed (fold_stem keeps block 1 if asked)
             if output.layer == EMBEDDING:
-                outputs.append(maps[index].mean(dim=(2, 3)))
+                outputs.append(feature_map.mean(dim=(2, 3)))
             else:
-                outputs.append(pool_grid(cnn_map_to_grid(maps[index]), output.mode, self.gem_p))
+                outputs.append(pool_grid(cnn_map_to_grid(feature_map), output.mode, self.gem_p))
         return tuple(outputs)
 
     def logits(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -304,11 +337,17 @@ class EfficientATEncoder(ExportableEncoder):
 
 def build(
     variant: str, layers: Sequence[str], pooling: str | Poolings, checkpoint: Path | None, seed: int = 0,
-    stft: str = DEFAULT_STFT,
+    stft: str = DEFAULT_STFT, stem: str | None = None,
 ) -> EfficientATEncoder:
+    """stem: "folded" (export/stem_fold.py), "official", or None: folded where that is faster (block 1 narrower
+    than 16 channels: mn04, mn05) and some output needs block 2."""
+    if stem not in (None, *STEMS):
+        raise ValueError(f"stem {stem!r} is not one of {STEMS}")
     encoder = EfficientATEncoder(variant, layers, pooling, stft)
     state = random_state_dict(variant, seed) if checkpoint is None else read_state_dict(checkpoint)
     load_strict(encoder.net, state, checkpoint if checkpoint is not None else Path(f"<random {variant}>"))
+    if stem == "folded" or (stem is None and foldable(encoder.net.features) and max(encoder.indices) >= 2):
+        encoder.fold_stem()
     return encoder.eval()
 
 

@@ -79,10 +79,13 @@ def export_model(
     allow_download: bool = True,
     gem_p: float = DEFAULT_GEM_P,
     stft: str | None = None,
+    stem: str | None = None,
 ) -> ExportResult:
     """pooling: one mode, or several: the first names the plain outputs, the others `<layer>@<suffix>`.
     stft: the front-end's STFT formulation where the family has a choice (EfficientAT: "fft", the default,
-    or "conv", the direct DFT of earlier releases); None: the family's default."""
+    or "conv", the direct DFT of earlier releases); None: the family's default.
+    stem: EfficientAT's features[0..2] "folded" (export/stem_fold.py) or "official" (the graph of earlier releases,
+    for comparison); None: folded where that is faster (mn04, mn05)."""
     start = time.perf_counter()
     if random_init and checkpoint is not None:
         raise ExportError("give either a checkpoint or random_init, not both")
@@ -99,6 +102,10 @@ def export_model(
     if stft is not None and (methods is None or stft not in methods):
         raise ExportError(f"{name}: stft {stft!r} is not available; " + (
             f"choose one of {', '.join(methods)}" if methods else f"the {family.FAMILY} front-end has one formulation"))
+    stems = getattr(family, "STEMS", None)
+    if stem is not None and (stems is None or stem not in stems):
+        raise ExportError(f"{name}: stem {stem!r} is not available; " + (
+            f"choose one of {', '.join(stems)}" if stems else f"the {family.FAMILY} network has one graph"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chosen = _expand_layers(layers, family, name)
@@ -109,8 +116,13 @@ def export_model(
         family.write_random_checkpoint(ckpt_path, name, seed)
     else:
         ckpt_path = resolve_checkpoint(family, name, checkpoint, weights_dir, allow_download)
-    options = {} if stft is None else {"stft": stft}
-    model = family.build(name, chosen, poolings, ckpt_path, seed, **options).eval()
+    options = {key: value for key, value in (("stft", stft), ("stem", stem)) if value is not None}
+    try:
+        model = family.build(name, chosen, poolings, ckpt_path, seed, **options).eval()
+    except ValueError as exc:  # a stem fold that does not apply (a wide variant, no output past block 1)
+        if stem is None:
+            raise
+        raise ExportError(f"{name}: {exc}") from None
     precision = "fp16" if fp16 else (quantize or "fp32")
     info = model_info(model, sha256_file(ckpt_path), precision)
 
@@ -199,9 +211,9 @@ def model_info(model: ExportableEncoder, checkpoint_sha256: str, precision: str 
 
 
 def _frontend_metadata(model: ExportableEncoder) -> dict[str, str]:
-    """The front-end's STFT formulation, for families that have a choice."""
-    stft = getattr(model, "frontend_stft", None)
-    return {} if stft is None else {"frontend_stft": str(stft)}
+    """The front-end's STFT formulation and the network's stem graph, for families that have a choice."""
+    found = {"frontend_stft": getattr(model, "frontend_stft", None), "stem": getattr(model, "stem", None)}
+    return {key: str(value) for key, value in found.items() if value is not None}
 
 
 def _temp_path(directory: Path, stem: str) -> Path:

@@ -81,9 +81,11 @@ def test_export_is_deterministic_and_computes_only_needed_blocks(tmp_path: Path)
     assert first.info.layers == ("layer_3", "layer_2") and first.info.dims == (512, 512)
     assert first.info.default_layers == ("layer_3", "layer_2")  # family defaults not exported
     convs = sum(node.op_type == "Conv" for node in onnx.load(str(first.path)).graph.node)
-    # the front-end's split DFT (stage 1 and the combination after stage 2, two grouped convs) + stem + blocks 1..3
-    # (2 + 3 + 3 convs); block 4 and beyond must not be in the graph
-    assert convs == 2 + 1 + 2 + 3 + 3
+    # the front-end's split DFT (stage 1 and the combination after stage 2, two grouped convs) + the stem fold (stem,
+    # block 1's depthwise, block 2's expansion; no block 1 projection, as layer_1 is not an output) + block 2's
+    # depthwise and projection + block 3 (3 convs); block 4 and beyond must not be in the graph
+    assert first.info.extra["stem"] == "folded"
+    assert convs == 2 + 3 + 2 + 3
 
 
 def test_failed_verification_leaves_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
