@@ -13,9 +13,9 @@ and e from it with one 1x1 conv:
              s + 3/8 unchanged (hardswish never goes below -3/8)
     e      = relu([E P | E] [d; s + 3/8] + E p + b_e - 3/8 E 1)
 Block 1's projection, its residual add and both c-channel tensors are gone. On an AVX-512 core ONNX Runtime blocks
-channels by 16, and a pointwise conv reading fewer channels than a block takes a slow NCHW path: mn04's projection and
-block 2's expansion were 0.7 ms of its 4.5 ms network (docs/benchmarks.md). Where block 1 already has 16 channels
-(mn10 and wider) the fold only doubles the stem's and the expansion's work, so it is not used.
+channels by 16, and a pointwise conv reading fewer channels than a block takes a slow NCHW path (what the fold saves:
+docs/benchmarks.md). Where block 1 already has 16 channels (mn10 and wider) the fold only doubles the stem's and the
+expansion's work, so it is not used.
 
 features[1] itself (layer_1) is, when asked for, one more 1x1 conv of the same tensor: out = [P | I] [d; s + 3/8] +
 p - 3/8.
