@@ -289,15 +289,22 @@ class EfficientATEncoder(ExportableEncoder):
         self.net = MobileNetAudio(variant)
         self.stem_fold: StemFold | None = None
 
-    def fold_stem(self) -> None:
-        """Compute features[0..2] as export/stem_fold.py folds them, from the weights loaded now (a later load
-        does not reach the fold). Refused where the network is not foldable or no output needs block 2."""
+    def stem_fold_refusal(self) -> str | None:
+        """Why the stem fold does not apply here, or None where it does."""
         if not foldable(self.net.features):
             channels = self.net.features.get_submodule("1.block.0.0").in_channels
-            raise ValueError(f"{self.variant}: block 1 has {channels} channels; "
-                             "the stem fold is for blocks narrower than 16 (mn04, mn05)")
+            return (f"{self.variant}: block 1 has {channels} channels; the stem fold is for blocks narrower than 16 "
+                    "(mn04, mn05)")
         if max(self.indices) < 2:
-            raise ValueError("the stem fold computes block 2: no output here needs it")
+            return "the stem fold computes block 2: no output here needs it"
+        return None
+
+    def fold_stem(self) -> None:
+        """Compute features[0..2] as export/stem_fold.py folds them, from the weights loaded now (a later load
+        does not reach the fold). ValueError where it does not apply (`stem_fold_refusal`)."""
+        refusal = self.stem_fold_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
         self.stem_fold = StemFold(self.net.features, keep_block_1=1 in self.indices)
 
     @property
@@ -346,7 +353,7 @@ def build(
     encoder = EfficientATEncoder(variant, layers, pooling, stft)
     state = random_state_dict(variant, seed) if checkpoint is None else read_state_dict(checkpoint)
     load_strict(encoder.net, state, checkpoint if checkpoint is not None else Path(f"<random {variant}>"))
-    if stem == "folded" or (stem is None and foldable(encoder.net.features) and max(encoder.indices) >= 2):
+    if stem == "folded" or (stem is None and encoder.stem_fold_refusal() is None):
         encoder.fold_stem()
     return encoder.eval()
 
