@@ -206,11 +206,11 @@ def model_info(model: ExportableEncoder, checkpoint_sha256: str, precision: str 
         exporter_version=EXPORTER_VERSION,
         output_poolings=tuple(model.output_poolings),
         gem_p=model.gem_p if "gem" in model.output_poolings else None,
-        extra={"precision": precision, "opset": str(OPSET), **_frontend_metadata(model)},
+        extra={"precision": precision, "opset": str(OPSET), **_graph_metadata(model)},
     )
 
 
-def _frontend_metadata(model: ExportableEncoder) -> dict[str, str]:
+def _graph_metadata(model: ExportableEncoder) -> dict[str, str]:
     """The front-end's STFT formulation and the network's stem graph, for families that have a choice."""
     found = {"frontend_stft": getattr(model, "frontend_stft", None), "stem": getattr(model, "stem", None)}
     return {key: str(value) for key, value in found.items() if value is not None}
